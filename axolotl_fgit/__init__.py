@@ -1,0 +1,1 @@
+"""Axolotl plugin for FGIT (fault-guided fine-tuning): ``plugins: [axolotl_fgit.FGITPlugin]``."""

@@ -1,0 +1,167 @@
+"""``fgit-preprocess``: build FGIT's paired Arrow dataset (FGIT-SPEC §1).
+
+Heavy libraries (datasets, transformers, litellm, torch) are imported inside the
+commands, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="Offline preprocessing for FGIT (fault-guided fine-tuning): pair each correct "
+    "response with a similar-but-wrong one and mark the error-sensitive segments.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+InputOpt = typer.Option(..., "--input", "-i", help="JSONL/JSON/Parquet/Arrow file, a "
+                        "save_to_disk directory, or a Hub dataset name.")
+OutputOpt = typer.Option(..., "--output", "-o", help="Directory for the Arrow dataset "
+                         "(datasets.save_to_disk) and report.json; rejected rows go to "
+                         "<output>.rejects.jsonl beside it.")
+SplitOpt = typer.Option("train", help="Split to read from a Hub dataset or DatasetDict.")
+PromptOpt = typer.Option(None, help="Plain-text prompt column (default: first of prompt, "
+                         "instruction, question, problem, query). An 'input' column is "
+                         "appended when present.")
+MessagesOpt = typer.Option(None, help="Chat column of {role, content} turns (default: "
+                           "messages/conversations when no prompt column exists). Without "
+                           "--correct-field the last assistant turn is the correct answer.")
+CorrectOpt = typer.Option(None, help="Correct-response column (default: first of correct, "
+                          "response, output, solution, completion, answer).")
+ScopeOpt = typer.Option("code", help="'code': diff only the fenced code blocks of markdown "
+                        "responses (whole text when there is no fence); 'response': diff "
+                        "the full texts.")
+NumProcOpt = typer.Option(1, min=1, help="Worker processes for the mask stage.")
+TokenizerOpt = typer.Option(None, help="Also write token-level hybrid vectors "
+                            "(correct_hybrid, incorrect_hybrid) for this tokenizer (name or "
+                            "local path), for inspection.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output directory.")
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False)])
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        _fail(f"{output} exists and is not empty; pass --overwrite to replace it")
+
+
+def _load_tokenizer(name: Optional[str]):
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if not tok.is_fast:
+        _fail(f"--tokenizer {name} has no fast tokenizer; offset mappings need one")
+    return tok
+
+
+@app.command()
+def masks(
+    input: str = InputOpt,
+    output: Path = OutputOpt,
+    split: str = SplitOpt,
+    prompt_field: Optional[str] = PromptOpt,
+    messages_field: Optional[str] = MessagesOpt,
+    correct_field: Optional[str] = CorrectOpt,
+    incorrect_field: Optional[str] = typer.Option(None, help="Incorrect-response column "
+                                                  "(default: incorrect or rejected)."),
+    diff_scope: str = ScopeOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    num_proc: int = NumProcOpt,
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Mark error-sensitive segments in a dataset that already pairs correct and incorrect
+    responses; write the Arrow dataset, report.json and the rejects file."""
+    _setup_logging()
+    from preprocess.io import InputError, load_rows, resolve_fields
+    from preprocess.pipeline import MaskFn, compute_masks, save
+
+    if diff_scope not in ("code", "response"):
+        _fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
+    _check_output(output, overwrite)
+    try:
+        ds = load_rows(input, split)
+        fields = resolve_fields(ds.column_names, prompt_field, correct_field,
+                                incorrect_field, messages_field, paired=True)
+    except InputError as err:
+        _fail(str(err))
+    fn = MaskFn(fields, diff_scope, _load_tokenizer(tokenizer))
+    kept, rejected = compute_masks(ds, fn, num_proc)
+    params = {"command": "masks", "input": input, "split": split, "diff_scope": diff_scope,
+              "fields": vars(fields), "tokenizer": tokenizer}
+    report = save(kept, rejected, output, params)
+    _print_report(report, output)
+
+
+def _print_report(report: dict, output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fgit-preprocess → {output}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("rows in", str(report["rows_in"]))
+    table.add_row("rows out", str(report["rows_out"]))
+    for reason, n in report["rejects_by_reason"].items():
+        table.add_row(f"rejected: {reason}", str(n))
+    Console(stderr=True).print(table)
+
+
+@app.command()
+def inspect(
+    input: Path = typer.Option(..., "--input", "-i", help="Output directory of masks/run."),
+    html: Path = typer.Option(..., "--html", help="Where to write the HTML page."),
+    rows: Optional[str] = typer.Option(None, help="Comma-separated row indices to show "
+                                       "(default: a sample of --num rows)."),
+    num: int = typer.Option(20, min=1, help="How many rows to sample when --rows is not given."),
+    seed: int = typer.Option(0, help="Seed for the row sample."),
+) -> None:
+    """Render chosen rows side by side with changed lines and characters highlighted,
+    plus a summary (rows, rejects by reason, sensitive-token share)."""
+    import random
+
+    import datasets
+
+    from preprocess.inspect import render, summary
+
+    if not (input / "state.json").exists():
+        _fail(f"{input} is not a dataset written by fgit-preprocess (no state.json)")
+    ds = datasets.load_from_disk(str(input))
+    if rows:
+        try:
+            chosen = [int(x) for x in rows.split(",")]
+        except ValueError:
+            _fail(f"--rows must be comma-separated integers, not {rows!r}")
+        bad = [i for i in chosen if not 0 <= i < len(ds)]
+        if bad:
+            _fail(f"--rows {bad} out of range; the dataset has {len(ds)} rows")
+    else:
+        chosen = sorted(random.Random(seed).sample(range(len(ds)), min(num, len(ds))))
+    stats = summary(ds, input)
+    html.write_text(render(ds, chosen, stats, f"FGIT pairs: {input}"))
+    typer.echo(f"rows {stats['rows']}, rejected {stats['rejected']} "
+               f"{stats['rejects_by_reason']}, sensitive share {stats['sensitive_share']:.1%} "
+               f"of {stats['sensitive_unit']}; wrote {html}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

@@ -1,0 +1,220 @@
+"""Error-sensitive segments between an incorrect response (pre-change) and a correct one.
+
+FGIT-SPEC §1. Everything here is pure and tokenizer-independent: results are half-open
+``[start, end)`` character spans into the *full* response texts, so one preprocessed
+dataset serves any student model. Token vectors are derived later (``preprocess.masks``).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import Levenshtein
+
+Span = tuple[int, int]
+DiffScope = Literal["code", "response"]
+
+NO_DIFF = "no-diff"
+COSMETIC_DIFF = "cosmetic-diff"
+
+# A fenced block: opening fence (``` or ~~~, 3+), optional info string, body, closing fence.
+_FENCE = re.compile(
+    r"^(?P<indent>[ \t]{0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^\n`]*)\n(?P<body>.*?)"
+    r"^(?P=indent)(?P=fence)[ \t]*$",
+    re.MULTILINE | re.DOTALL,
+)
+_PYTHON_TAGS = {"python", "py", "python3", "py3"}
+# A comment marker on a changed line, or a changed line inside a block comment or
+# docstring, sends the cosmetic check down its slow, parsing path.
+_LINE_COMMENT_MARKERS = ("#", "//", "--")
+_BLOCK_COMMENTS = re.compile(r'/\*.*?\*/|""".*?"""|\'\'\'.*?\'\'\'|<!--.*?-->', re.DOTALL)
+_C_COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+_HASH_COMMENTS = re.compile(r"#[^\n]*")
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class CodeView:
+    """The part of a response that is diffed, with a map back to response offsets.
+
+    ``pieces`` are ``(view_start, text_start, length)`` triples, sorted and disjoint.
+    """
+
+    text: str
+    pieces: tuple[tuple[int, int, int], ...]
+    language: str = ""
+
+    def to_response(self, spans: list[Span]) -> list[Span]:
+        """Map spans over ``text`` back to spans over the full response (split at gaps)."""
+        out: list[Span] = []
+        for start, end in spans:
+            for v0, t0, n in self.pieces:
+                lo, hi = max(start, v0), min(end, v0 + n)
+                if lo < hi:
+                    out.append((t0 + lo - v0, t0 + hi - v0))
+        return merge_spans(out)
+
+
+def code_view(response: str, scope: DiffScope = "code") -> CodeView:
+    """The text FGIT diffs: fenced code blocks (joined) for ``code``, else the whole text.
+
+    Falls back to the whole response when it has no fence, so plain-code datasets work.
+    """
+    if scope == "code":
+        blocks = list(_FENCE.finditer(response))
+        if blocks:
+            parts, pieces, pos = [], [], 0
+            for m in blocks:
+                body = m.group("body")
+                pieces.append((pos, m.start("body"), len(body)))
+                parts.append(body)
+                pos += len(body)
+            info = blocks[0].group("info").strip().split()
+            return CodeView("".join(parts), tuple(pieces), info[0].lower() if info else "")
+    return CodeView(response, ((0, 0, len(response)),))
+
+
+def merge_spans(spans: list[Span]) -> list[Span]:
+    """Sort spans and merge the ones that touch or overlap; drop empty spans."""
+    merged: list[list[int]] = []
+    for start, end in sorted(s for s in spans if s[1] > s[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def _line_starts(lines: list[str]) -> list[int]:
+    starts, pos = [0], 0
+    for line in lines:
+        pos += len(line)
+        starts.append(pos)
+    return starts
+
+
+def line_spans(incorrect: str, correct: str) -> tuple[list[Span], list[Span]]:
+    """difflib line alignment ``incorrect → correct``; lines keep their ``\\n``.
+
+    Returns ``(incorrect_spans, correct_spans)``: the ``-`` lines of ``incorrect`` and the
+    ``+`` lines of ``correct`` as character spans.
+    """
+    a_lines, c_lines = incorrect.splitlines(keepends=True), correct.splitlines(keepends=True)
+    a_at, c_at = _line_starts(a_lines), _line_starts(c_lines)
+    matcher = difflib.SequenceMatcher(None, a_lines, c_lines, autojunk=False)
+    a_spans, c_spans = [], []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag != "equal":
+            a_spans.append((a_at[i1], a_at[i2]))
+            c_spans.append((c_at[j1], c_at[j2]))
+    return merge_spans(a_spans), merge_spans(c_spans)
+
+
+def edit_spans(incorrect: str, correct: str) -> tuple[list[Span], list[Span]]:
+    """Levenshtein edit operations ``incorrect → correct`` as character spans.
+
+    Insert marks the position in ``correct``, delete the position in ``incorrect``,
+    replace marks both. Returns ``(incorrect_spans, correct_spans)``.
+    """
+    a_spans, c_spans = [], []
+    for tag, i1, i2, j1, j2 in Levenshtein.opcodes(incorrect, correct):
+        if tag in ("delete", "replace"):
+            a_spans.append((i1, i2))
+        if tag in ("insert", "replace"):
+            c_spans.append((j1, j2))
+    return merge_spans(a_spans), merge_spans(c_spans)
+
+
+@dataclass(frozen=True)
+class PairSpans:
+    """Error-sensitive character spans of one (correct, incorrect) pair, or why it has none."""
+
+    correct_line: list[Span] = field(default_factory=list)
+    correct_edit: list[Span] = field(default_factory=list)
+    incorrect_line: list[Span] = field(default_factory=list)
+    incorrect_edit: list[Span] = field(default_factory=list)
+    reject: str | None = None
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _python_ast(code: str) -> str | None:
+    try:
+        return ast.dump(_strip_docstrings(ast.parse(code)))
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+
+
+def _normalise(code: str, language: str) -> str:
+    """Code with comments and all whitespace removed (a language-agnostic best effort)."""
+    if language not in _PYTHON_TAGS | {"sh", "bash", "shell", "ruby", "rb", "r", "perl"}:
+        code = _C_COMMENTS.sub("", code)
+    if language not in {"c", "cpp", "c++", "java", "javascript", "js", "ts", "typescript",
+                        "go", "rust", "rs", "kotlin", "swift", "csharp", "cs", "php"}:
+        code = _HASH_COMMENTS.sub("", code)
+    return _WHITESPACE.sub("", code)
+
+
+def _fast_real_diff(code: str, changed: list[Span], other: str, other_changed: list[Span]) -> bool:
+    """Cheap proof that a diff is real: changed lines differ outside any comment."""
+    texts = []
+    for text, spans in ((code, changed), (other, other_changed)):
+        blocks = [m.span() for m in _BLOCK_COMMENTS.finditer(text)]
+        if any(s < be and bs < e for s, e in spans for bs, be in blocks):
+            return False
+        texts.append(_WHITESPACE.sub("", "".join(text[s:e] for s, e in spans)))
+    return texts[0] != texts[1] and not any(m in t for t in texts for m in _LINE_COMMENT_MARKERS)
+
+
+def is_cosmetic(incorrect: str, correct: str, language: str = "") -> bool:
+    """True when two different codes differ only in whitespace, comments or docstrings.
+
+    Python (by fence tag, or untagged code that parses) is compared by AST, so that an
+    indentation change which moves a statement counts as real. Other languages are
+    compared with comments and whitespace stripped.
+    """
+    if language in _PYTHON_TAGS or not language:
+        a_tree, c_tree = _python_ast(incorrect), _python_ast(correct)
+        if a_tree is not None and c_tree is not None:
+            return a_tree == c_tree
+    return _normalise(incorrect, language) == _normalise(correct, language)
+
+
+def pair_spans(correct: str, incorrect: str, scope: DiffScope = "code") -> PairSpans:
+    """All four span sets of a pair over the full response texts (FGIT-SPEC §1).
+
+    Rejects the pair (``reject`` set, spans empty) when the diffed views are identical
+    (``no-diff``) or differ only cosmetically (``cosmetic-diff``).
+    """
+    a_view, c_view = code_view(incorrect, scope), code_view(correct, scope)
+    if a_view.text == c_view.text:
+        return PairSpans(reject=NO_DIFF)
+    a_line, c_line = line_spans(a_view.text, c_view.text)
+    a_edit, c_edit = edit_spans(a_view.text, c_view.text)
+    language = c_view.language or a_view.language
+    if not _fast_real_diff(a_view.text, a_line, c_view.text, c_line) and is_cosmetic(
+        a_view.text, c_view.text, language
+    ):
+        return PairSpans(reject=COSMETIC_DIFF)
+    return PairSpans(
+        correct_line=c_view.to_response(c_line),
+        correct_edit=c_view.to_response(c_edit),
+        incorrect_line=a_view.to_response(a_line),
+        incorrect_edit=a_view.to_response(a_edit),
+    )

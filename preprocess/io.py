@@ -1,0 +1,190 @@
+"""Reading instruction datasets and writing FGIT's Arrow output (the I/O edge).
+
+Rows are normalised to ``prompt`` (a string) or ``messages`` (chat turns before the
+answer), plus ``correct`` and, for already-paired data, ``incorrect``. Every other
+input column is carried through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROMPT_CANDIDATES = ("prompt", "instruction", "question", "problem", "query")
+CORRECT_CANDIDATES = ("correct", "response", "output", "solution", "completion", "answer")
+MESSAGES_CANDIDATES = ("messages", "conversations", "conversation")
+SPAN_COLUMNS = (
+    "correct_line_spans",
+    "correct_edit_spans",
+    "incorrect_line_spans",
+    "incorrect_edit_spans",
+)
+PARAMS_FILE = "fgit_params.json"
+REPORT_FILE = "report.json"
+REJECTS_SUFFIX = ".rejects.jsonl"
+
+
+class InputError(ValueError):
+    """A dataset that cannot be read as asked; the message says what to change."""
+
+
+def load_rows(path: str, split: str = "train"):
+    """Load JSONL/JSON/Parquet/Arrow (file or ``save_to_disk`` dir) or a Hub dataset."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise InputError(f"{path} has splits {list(ds)}; pick one with --split")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(str(p), split=split)
+    if p.exists():
+        suffix = p.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            return datasets.load_dataset("json", data_files=str(p), split="train")
+        if suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(p), split="train")
+        if suffix == ".arrow":
+            return datasets.Dataset.from_file(str(p))
+        raise InputError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, "
+                         ".parquet, .arrow or a save_to_disk directory")
+    if path.startswith((".", "/")) or path.count("/") > 1:
+        raise InputError(f"{path}: no such file or directory")
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as exc:  # the Hub raises many types; say what was tried
+        raise InputError(f"{path} is not a local file and could not be loaded from the "
+                         f"Hugging Face Hub ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which input columns hold the prompt, the correct and the incorrect response."""
+
+    prompt: str | None  # a plain-text prompt column, or None for chat rows
+    messages: str | None  # a chat column (list of {role, content}), or None
+    correct: str | None  # None: the last assistant turn of ``messages``
+    incorrect: str | None = None
+    input: str | None = None  # optional Alpaca-style "input" appended to the prompt
+
+
+def _pick(columns: Iterable[str], given: str | None, candidates: tuple[str, ...],
+          flag: str, what: str, required: bool) -> str | None:
+    cols = list(columns)
+    if given is not None:
+        if given not in cols:
+            raise InputError(f"{flag} {given!r} is not a column; available columns: "
+                             f"{', '.join(cols)}")
+        return given
+    found = next((c for c in candidates if c in cols), None)
+    if found is None and required:
+        raise InputError(f"no {what} column found (looked for {', '.join(candidates)}); "
+                         f"pass {flag}. Available columns: {', '.join(cols)}")
+    return found
+
+
+def resolve_fields(columns: Iterable[str], prompt: str | None = None,
+                   correct: str | None = None, incorrect: str | None = None,
+                   messages: str | None = None, paired: bool = False) -> Fields:
+    """Name the columns to use, auto-detecting common names; errors list what exists."""
+    cols = list(columns)
+    chat = messages is not None or (
+        prompt is None
+        and not any(c in cols for c in PROMPT_CANDIDATES)
+        and any(c in cols for c in MESSAGES_CANDIDATES)
+    )
+    msg = _pick(cols, messages, MESSAGES_CANDIDATES, "--messages-field", "chat", True) if chat else None
+    prompt_col = None if chat else _pick(cols, prompt, PROMPT_CANDIDATES, "--prompt-field",
+                                         "prompt", True)
+    correct_col = _pick(cols, correct, CORRECT_CANDIDATES, "--correct-field",
+                        "correct-response", msg is None)
+    incorrect_col = _pick(cols, incorrect, ("incorrect", "rejected"), "--incorrect-field",
+                          "incorrect-response", paired)
+    input_col = "input" if prompt_col and "input" in cols and prompt_col != "input" else None
+    return Fields(prompt_col, msg, correct_col, incorrect_col, input_col)
+
+
+class RowError(ValueError):
+    """A row that cannot be used; ``reason`` is the counted rejection reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _content(turn: Any) -> str:
+    if isinstance(turn, Mapping):
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if isinstance(role, str) and isinstance(content, str):
+            return content
+    raise RowError("bad-messages", f"chat turn {turn!r} lacks string role/content")
+
+
+def _turns(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise RowError("bad-messages", "messages is not a non-empty list of turns")
+    out = []
+    for turn in messages:
+        content = _content(turn)
+        role = turn.get("role", turn.get("from"))
+        out.append({"role": {"human": "user", "gpt": "assistant"}.get(role, role),
+                    "content": content})
+    return out
+
+
+def _string(row: Mapping[str, Any], column: str, reason: str) -> str:
+    value = row.get(column)
+    if not isinstance(value, str):
+        raise RowError(reason, f"{column} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise RowError(reason, f"{column} is empty")
+    return value
+
+
+def normalise_row(row: Mapping[str, Any], fields: Fields) -> dict[str, Any]:
+    """``{prompt|messages, correct[, incorrect]}`` from one input row, or ``RowError``."""
+    out: dict[str, Any] = {}
+    if fields.messages is not None:
+        turns = _turns(row.get(fields.messages))
+        if fields.correct is None:
+            if turns[-1]["role"] != "assistant":
+                raise RowError("bad-messages", "last chat turn is not the assistant's "
+                               "answer and no --correct-field was given")
+            turns, out["correct"] = turns[:-1], turns[-1]["content"]
+        elif turns[-1]["role"] == "assistant":
+            raise RowError("bad-messages", "chat ends with an assistant turn although "
+                           f"{fields.correct!r} holds the answer; drop that turn")
+        if not turns:
+            raise RowError("bad-messages", "no prompt turns before the answer")
+        out["messages"] = turns
+    else:
+        prompt = _string(row, fields.prompt, "bad-prompt")
+        extra = row.get(fields.input) if fields.input else None
+        out["prompt"] = f"{prompt}\n\n{extra}" if isinstance(extra, str) and extra.strip() else prompt
+    if fields.correct is not None:
+        out["correct"] = _string(row, fields.correct, "bad-correct")
+    elif not out["correct"].strip():
+        raise RowError("bad-correct", "the assistant answer is empty")
+    if fields.incorrect is not None:
+        out["incorrect"] = _string(row, fields.incorrect, "bad-incorrect")
+    return out
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically, so a crash never leaves a half-written report."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def rejects_path(output: Path) -> Path:
+    """Rejected rows live next to the output directory: ``<output>.rejects.jsonl``."""
+    return output.with_name(output.name + REJECTS_SUFFIX)

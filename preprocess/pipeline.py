@@ -1,0 +1,140 @@
+"""The mask stage shared by ``fgit-preprocess masks`` and ``run``: pairs → spans → Arrow.
+
+Rows are processed with ``datasets.map`` (``--num-proc`` workers, progress bars); a row
+that cannot be used is never dropped silently: it goes to ``<output>.rejects.jsonl``
+with its reason and is counted in ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from preprocess.diff import DiffScope, pair_spans
+from preprocess.io import (
+    PARAMS_FILE,
+    REPORT_FILE,
+    SPAN_COLUMNS,
+    Fields,
+    RowError,
+    normalise_row,
+    rejects_path,
+    write_json,
+)
+
+LOG = logging.getLogger("fgit.preprocess")
+REJECT = "fgit_reject"
+REJECT_DETAIL = "fgit_reject_detail"
+TOKEN_COLUMNS = ("correct_hybrid", "incorrect_hybrid")
+
+
+@dataclass
+class MaskFn:
+    """Picklable batch function for ``datasets.map`` (workers rebuild nothing heavy)."""
+
+    fields: Fields
+    scope: DiffScope
+    tokenizer: Any = None
+
+    def _hybrid(self, text: str, lines, edits) -> list[int]:
+        from preprocess.masks import project
+
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return project(enc["offset_mapping"], lines, edits).hybrid.tolist()
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            out = normalise_row(row, self.fields)
+        except RowError as err:
+            return {REJECT: err.reason, REJECT_DETAIL: str(err)}
+        spans = pair_spans(out["correct"], out["incorrect"], self.scope)
+        out.update(dict(zip(SPAN_COLUMNS, (
+            spans.correct_line, spans.correct_edit, spans.incorrect_line, spans.incorrect_edit,
+        ))))
+        out[REJECT], out[REJECT_DETAIL] = spans.reject or "", spans.reject or ""
+        if self.tokenizer is not None and not spans.reject:
+            out["correct_hybrid"] = self._hybrid(out["correct"], spans.correct_line,
+                                                 spans.correct_edit)
+            out["incorrect_hybrid"] = self._hybrid(out["incorrect"], spans.incorrect_line,
+                                                   spans.incorrect_edit)
+        return out
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(next(iter(batch.values())))
+        rows = [self.row({k: v[i] for k, v in batch.items()}) for i in range(n)]
+        keys = self.output_columns()
+        return {k: [r.get(k, _EMPTY.get(k)) for r in rows] for k in keys}
+
+    def output_columns(self) -> list[str]:
+        prompt = ["messages"] if self.fields.messages else ["prompt"]
+        tokens = list(TOKEN_COLUMNS) if self.tokenizer is not None else []
+        return [*prompt, "correct", "incorrect", *SPAN_COLUMNS, *tokens, REJECT, REJECT_DETAIL]
+
+
+_EMPTY: dict[str, Any] = {c: [] for c in (*SPAN_COLUMNS, *TOKEN_COLUMNS)}
+
+
+def compute_masks(ds, fn: MaskFn, num_proc: int = 1):
+    """Map ``fn`` over ``ds``; return ``(kept, rejected)`` datasets.
+
+    Input columns that FGIT does not consume are carried through; one whose name clashes
+    with an output column is replaced, and that is logged.
+    """
+    outputs = fn.output_columns()
+    consumed = {c for c in (fn.fields.prompt, fn.fields.messages, fn.fields.correct,
+                            fn.fields.incorrect, fn.fields.input) if c}
+    clash = sorted((set(ds.column_names) - consumed) & set(outputs))
+    if clash:
+        LOG.warning("input columns %s are replaced by FGIT's columns of the same name", clash)
+    mapped = ds.map(
+        fn,
+        batched=True,
+        batch_size=500,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=sorted(consumed | set(clash)),
+        desc="Computing error-sensitive segments",
+    )
+    reasons = mapped[REJECT]
+    kept = [i for i, r in enumerate(reasons) if not r]
+    dropped = [i for i, r in enumerate(reasons) if r]
+    return (mapped.select(kept).remove_columns([REJECT, REJECT_DETAIL]),
+            mapped.select(dropped))
+
+
+def write_rejects(path: Path, rejected, extra: list[dict[str, Any]] = ()) -> Counter:
+    """Write every rejected row with its reason as JSON lines; return counts by reason."""
+    counts: Counter = Counter()
+    with path.open("w") as fh:
+        for row in [*extra, *rejected]:
+            reason = row.get(REJECT) or row.get("reason")
+            counts[reason] += 1
+            clean = {k: v for k, v in row.items() if k not in (REJECT, REJECT_DETAIL)
+                     and v not in (None, [])}
+            fh.write(json.dumps({"reason": reason, "detail": row.get(REJECT_DETAIL, ""),
+                                 **clean}, default=str) + "\n")
+    return counts
+
+
+def save(kept, rejected, output: Path, params: dict[str, Any],
+         report: dict[str, Any] | None = None, extra_rejects: list[dict] = ()) -> dict:
+    """Write the Arrow dataset, its parameters, the rejects file and ``report.json``."""
+    output.mkdir(parents=True, exist_ok=True)
+    kept.save_to_disk(str(output))
+    write_json(output / PARAMS_FILE, params)
+    counts = write_rejects(rejects_path(output), rejected, extra_rejects)
+    n_rejected = sum(counts.values())
+    full = {
+        "rows_in": len(kept) + n_rejected,
+        "rows_out": len(kept),
+        "rejected": n_rejected,
+        "rejects_by_reason": dict(sorted(counts.items())),
+        "rejects_file": str(rejects_path(output)),
+        "params": params,
+        **(report or {}),
+    }
+    write_json(output / REPORT_FILE, full)
+    return full
