@@ -28,9 +28,10 @@ _FENCE = re.compile(
     re.MULTILINE | re.DOTALL,
 )
 _PYTHON_TAGS = {"python", "py", "python3", "py3"}
-# A comment marker on a changed line, or a changed line inside a block comment or
-# docstring, sends the cosmetic check down its slow, parsing path.
-_LINE_COMMENT_MARKERS = ("#", "//", "--")
+# The fast path cuts each changed line at its first line-comment marker, and gives up
+# on a changed line inside a block comment or docstring. A marker inside a string only
+# makes it give up more often (the slow, parsing path then decides), never wrongly.
+_LINE_COMMENT = re.compile(r"(#|//|--).*")
 _BLOCK_COMMENTS = re.compile(r'/\*.*?\*/|""".*?"""|\'\'\'.*?\'\'\'|<!--.*?-->', re.DOTALL)
 _C_COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
 _HASH_COMMENTS = re.compile(r"#[^\n]*")
@@ -172,14 +173,15 @@ def _normalise(code: str, language: str) -> str:
 
 
 def _fast_real_diff(code: str, changed: list[Span], other: str, other_changed: list[Span]) -> bool:
-    """Cheap proof that a diff is real: changed lines differ outside any comment."""
+    """Cheap proof that a diff is real: the changed lines differ outside any comment."""
     texts = []
     for text, spans in ((code, changed), (other, other_changed)):
         blocks = [m.span() for m in _BLOCK_COMMENTS.finditer(text)]
         if any(s < be and bs < e for s, e in spans for bs, be in blocks):
             return False
-        texts.append(_WHITESPACE.sub("", "".join(text[s:e] for s, e in spans)))
-    return texts[0] != texts[1] and not any(m in t for t in texts for m in _LINE_COMMENT_MARKERS)
+        lines = "".join(text[s:e] for s, e in spans)
+        texts.append(_WHITESPACE.sub("", _LINE_COMMENT.sub("", lines)))
+    return texts[0] != texts[1]
 
 
 def is_cosmetic(incorrect: str, correct: str, language: str = "") -> bool:

