@@ -111,6 +111,87 @@ def masks(
     _print_report(report, output)
 
 
+@app.command()
+def run(
+    input: str = InputOpt,
+    output: Path = OutputOpt,
+    teacher: str = typer.Option(..., help="litellm model string (openai/gpt-4o-mini, "
+                                "anthropic/claude-3-5-haiku-latest, hosted_vllm/NAME or "
+                                "openai/NAME with --api-base, ollama/NAME), or 'mutate' for "
+                                "the built-in offline mutation teacher. Keys come from the "
+                                "environment as litellm expects (OPENAI_API_KEY, ...)."),
+    api_base: Optional[str] = typer.Option(None, help="Endpoint of an OpenAI-compatible "
+                                           "server (vLLM, llama.cpp, TGI, ...)."),
+    num_variants: int = typer.Option(4, min=1, help="Variants asked per row (K); uses the "
+                                     "API's n where supported, parallel calls otherwise."),
+    temperature: float = typer.Option(1.0, min=0.0, help="Teacher sampling temperature."),
+    max_tokens: int = typer.Option(2048, min=1, help="Teacher answer length limit."),
+    concurrency: int = typer.Option(16, min=1, help="Teacher requests in flight at once."),
+    timeout: float = typer.Option(120.0, min=0.1, help="Per-request timeout in seconds."),
+    max_retries: int = typer.Option(6, min=0, help="Retries per request on 429/5xx/"
+                                    "timeouts/connection errors (exponential backoff with "
+                                    "jitter, honouring Retry-After)."),
+    max_cost: Optional[float] = typer.Option(None, min=0.0, help="Stop cleanly once the "
+                                             "teacher has cost this many USD (cached answers "
+                                             "count); rerun with a higher budget to resume."),
+    prompt_template: Optional[Path] = typer.Option(None, help="Prompt template file with "
+                                                   "the placeholders {problem} and {solution}."),
+    cache: Optional[Path] = typer.Option(None, help="Answer cache (SQLite); default "
+                                         "<output>.teacher-cache.sqlite. Reruns reuse it."),
+    similarity: str = typer.Option("embedding", help="'embedding' (cosine of --embedder "
+                                   "embeddings) or 'levenshtein' (no model)."),
+    embedder: str = typer.Option("microsoft/unixcoder-base", help="sentence-transformers "
+                                 "model name or local path for --similarity embedding."),
+    embed_batch_size: int = typer.Option(64, min=1, help="Embedding batch size."),
+    require_parse: bool = typer.Option(False, "--require-parse", help="Reject Python "
+                                       "variants that do not parse."),
+    seed: int = typer.Option(0, help="Seed of the mutation teacher."),
+    split: str = SplitOpt,
+    prompt_field: Optional[str] = PromptOpt,
+    messages_field: Optional[str] = MessagesOpt,
+    correct_field: Optional[str] = CorrectOpt,
+    diff_scope: str = ScopeOpt,
+    num_proc: int = NumProcOpt,
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Generate similar-but-wrong variants with a teacher, keep the closest valid one per
+    row, mark error-sensitive segments and write the Arrow dataset plus report.json."""
+    _setup_logging()
+    from preprocess.io import InputError, load_rows, resolve_fields
+    from preprocess.run import BudgetStop, RunOptions, generate
+    from preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())
+    if similarity not in ("embedding", "levenshtein"):
+        _fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
+    if diff_scope not in ("code", "response"):
+        _fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
+    _check_output(output, overwrite)
+    try:
+        template = load_template(prompt_template)
+        ds = load_rows(input, split)
+        fields = resolve_fields(ds.column_names, prompt_field, correct_field, None, messages_field)
+    except (InputError, ValueError, OSError) as err:
+        _fail(str(err))
+    settings = TeacherSettings(teacher, num_variants, temperature, max_tokens, api_base,
+                               timeout, concurrency, max_retries, max_cost)
+    opts = RunOptions(settings, template,
+                      cache or output.with_name(output.name + ".teacher-cache.sqlite"),
+                      similarity, embedder, embed_batch_size, require_parse, diff_scope,
+                      seed, num_proc, {"input": input, "split": split})
+    try:
+        report = generate(ds, fields, output, opts)
+    except TeacherFatal as err:
+        _fail(f"the teacher refused the run, stopping at once: {err}")
+    except BudgetStop as err:
+        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(3)
+    except RuntimeError as err:
+        _fail(str(err))
+    _print_report(report, output)
+
+
 def _print_report(report: dict, output: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -122,6 +203,10 @@ def _print_report(report: dict, output: Path) -> None:
     table.add_row("rows out", str(report["rows_out"]))
     for reason, n in report["rejects_by_reason"].items():
         table.add_row(f"rejected: {reason}", str(n))
+    for reason, n in report.get("variant_rejects_by_reason", {}).items():
+        table.add_row(f"variant rejected: {reason}", str(n))
+    if "teacher" in report:
+        table.add_row("teacher cost (USD)", f"{report['teacher'].get('cost_usd', 0):.4f}")
     Console(stderr=True).print(table)
 
 

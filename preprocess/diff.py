@@ -48,6 +48,7 @@ class CodeView:
     text: str
     pieces: tuple[tuple[int, int, int], ...]
     language: str = ""
+    fenced: bool = False
 
     def to_response(self, spans: list[Span]) -> list[Span]:
         """Map spans over ``text`` back to spans over the full response (split at gaps)."""
@@ -75,7 +76,7 @@ def code_view(response: str, scope: DiffScope = "code") -> CodeView:
                 parts.append(body)
                 pos += len(body)
             info = blocks[0].group("info").strip().split()
-            return CodeView("".join(parts), tuple(pieces), info[0].lower() if info else "")
+            return CodeView("".join(parts), tuple(pieces), info[0].lower() if info else "", True)
     return CodeView(response, ((0, 0, len(response)),))
 
 
