@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,14 @@ def wordpiece_tokenizer(minilm_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+def run_cli(*args, ok: bool = True, env: dict | None = None, timeout: int = 600,
+            module: str = "preprocess") -> subprocess.CompletedProcess:
+    """Run ``python -m <module> ARGS`` like a user would; assert success when ``ok``."""
+    full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

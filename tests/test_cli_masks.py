@@ -8,17 +8,10 @@ import sys
 
 import datasets
 
-from conftest import SAMPLE_PAIRS
+from conftest import SAMPLE_PAIRS, run_cli
 from preprocess.io import SPAN_COLUMNS, rejects_path
 
 CLI = [sys.executable, "-m", "preprocess"]
-
-
-def run_cli(*args, ok=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
-    if ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_help_is_fast_and_lists_commands():

@@ -1,0 +1,57 @@
+"""End to end with real generations: SmolLM2-135M-Instruct served over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SAMPLE, run_cli
+from loopback_server import LoopbackServer, Reply, completion
+from preprocess.io import rejects_path
+
+
+@pytest.fixture(scope="module")
+def smollm2_responder(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+
+    def respond(body: dict, index: int) -> Reply:
+        ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        n = body.get("n", 1)
+        with torch.no_grad():
+            gen = model.generate(**ids, do_sample=True, temperature=body.get("temperature", 1.0),
+                                 max_new_tokens=body.get("max_tokens", 128), num_return_sequences=n,
+                                 pad_token_id=tok.eos_token_id)
+        prompt_len = ids["input_ids"].shape[1]
+        texts = [tok.decode(g[prompt_len:], skip_special_tokens=True) for g in gen]
+        return Reply(200, completion(texts, model="smollm2-135m-instruct",
+                                     prompt_tokens=prompt_len, completion_tokens=int(gen.shape[1] - prompt_len)))
+
+    return respond
+
+
+@pytest.mark.slow
+def test_run_with_real_generations(tmp_path, smollm2_responder):
+    rows = [json.loads(line) for line in SAMPLE.open()][:3]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    with LoopbackServer(smollm2_responder, threaded=True) as srv:
+        run_cli("run", "-i", data, "-o", out, "--teacher", "openai/smollm2-135m-instruct",
+                "--api-base", srv.url, "--num-variants", "2", "--max-tokens", "96",
+                "--temperature", "0.8", "--similarity", "levenshtein", env={"OPENAI_API_KEY": "sk-local"})
+    assert len(srv.answered) == 3 and all(b["n"] == 2 for b in srv.answered)
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_in"] == 3 and report["rows_out"] + report["rejected"] == 3
+    rejected = [json.loads(line) for line in rejects_path(out).open()]
+    assert len(rejected) == report["rejected"] and all(r["reason"] and r["detail"] for r in rejected)
+    variants = sum(report["variant_rejects_by_reason"].values()) + report["rows_out"]
+    assert variants >= report["rows_out"]
+    print(f"\nSmolLM2 teacher: {report['rows_out']}/3 rows paired; variant rejects "
+          f"{report['variant_rejects_by_reason']}")
