@@ -40,7 +40,10 @@ def smollm2_dir() -> Path:
 def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    if tok.pad_token is None:  # as Axolotl's tokenizer loader does
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +69,13 @@ def run_cli(*args, ok: bool = True, env: dict | None = None, timeout: int = 600,
     if ok:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32,
+                                                attn_implementation="sdpa")
