@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# Offline and untracked, whoever starts pytest: Hub calls and telemetry cannot reach the
+# network here and would otherwise hang at exit.
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "AXOLOTL_DO_NOT_TRACK"):
+    os.environ.setdefault(_key, "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_PAIRS = ROOT / "examples" / "data" / "sample_pairs.jsonl"
