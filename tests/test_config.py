@@ -77,8 +77,17 @@ def test_dataset_without_span_columns_is_rejected(tmp_path, smollm2_dir):
 
 
 def test_other_dataset_types_are_rejected(tmp_path, smollm2_dir, pairs):
-    from axolotl.cli.config import load_cfg
-
     with pytest.raises(Exception) as err:
         load(tmp_path, smollm2_dir, pairs, datasets=[{"path": str(pairs), "type": "alpaca"}])
     assert "type: axolotl_fgit.strategy" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-7b-lora.yml", "deepseek-coder-6.7b-full.yml",
+                                  "smollm2-135m-cpu.yml"])
+def test_example_configs_have_valid_fgit_blocks(name):
+    from axolotl_fgit.args import FGITArgs
+
+    cfg = yaml.safe_load((ROOT / "examples" / "yaml" / name).read_text())
+    args = FGITArgs(**{k: v for k, v in cfg.items() if k in ("fgit", "datasets", "plugins")})
+    assert args.fgit is not None and cfg["plugins"] == ["axolotl_fgit.FGITPlugin"]
+    assert all(d["type"] == "axolotl_fgit.strategy" for d in cfg["datasets"])
