@@ -62,7 +62,7 @@ class FGITConfig(BaseModel):
     detach_weights: bool = Field(False, description="Stop gradients through W (cheaper: "
                                  "the incorrect response needs no backward).")
     eps: float = Field(1e-6, gt=0, description="Guard for Hc + Ha.")
-    logprob_chunk_size: int = Field(1024, ge=16, description="Tokens per chunk when "
+    logprob_chunk_size: int = Field(512, ge=16, description="Tokens per chunk when "
                                     "projecting hidden states onto the vocabulary.")
     columns: FGITColumns = Field(default_factory=FGITColumns)
 

@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768, help="loss path: packed tokens")
     ap.add_argument("--vocab", type=int, default=152064, help="loss path: vocabulary size")
     ap.add_argument("--hidden", type=int, default=None, help="loss path: hidden size (default 896 GPU, 64 CPU)")
-    ap.add_argument("--chunk", type=int, default=1024, help="loss path: logprob_chunk_size")
+    ap.add_argument("--chunk", type=int, default=512, help="loss path: logprob_chunk_size")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-loss-path", action="store_true")
     args = ap.parse_args()
