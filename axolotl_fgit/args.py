@@ -81,6 +81,18 @@ def _get(data: Any, key: str) -> Any:
     return data.get(key) if isinstance(data, dict) else getattr(data, key, None)
 
 
+def _zero_stage(deepspeed: Any) -> int | None:
+    """The ZeRO stage of a ``deepspeed:`` setting (a JSON path or a dict), if readable."""
+    if isinstance(deepspeed, str):
+        try:
+            deepspeed = json.loads(Path(deepspeed).read_text())
+        except (OSError, ValueError):
+            return 3 if "zero3" in deepspeed.replace("_", "").lower() else None
+    if isinstance(deepspeed, dict):
+        return (deepspeed.get("zero_optimization") or {}).get("stage")
+    return None
+
+
 def local_columns(path: str) -> set[str] | None:
     """Column names of a local dataset, read cheaply; None when not local or unknown."""
     p = Path(path)
@@ -136,6 +148,10 @@ class FGITArgs(BaseModel):
             if _get(data, flag):
                 problems.append(f"{flag} replaces the SFT trainer that FGIT extends; remove "
                                 f"{flag} or the fgit: block")
+        if _zero_stage(_get(data, "deepspeed")) == 3:
+            problems.append("deepspeed: ZeRO-3 partitions lm_head outside the forward, where "
+                            "FGIT projects hidden states in per-rank chunks; use ZeRO-2 or "
+                            "FSDP (fsdp_version: 2)")
         if _get(data, "pretraining_dataset"):
             problems.append("pretraining_dataset has no correct/incorrect pairs; use "
                             f"datasets: with type: {STRATEGY_PREFIX}")

@@ -19,6 +19,10 @@ class FGITPlugin(BasePlugin):
             LOG.warning("axolotl_fgit.FGITPlugin is listed but the config has no fgit: block; "
                         "training is plain SFT. Add fgit: {alpha: 2.0} to turn FGIT on.")
 
+    def get_training_args(self, cfg):
+        """Count N across ranks (one scalar all-reduce), so N ranks match one process."""
+        return {"average_tokens_across_devices": True} if cfg.fgit else None
+
     def get_trainer_cls(self, cfg):
         if not cfg.fgit:
             return None

@@ -100,7 +100,12 @@ class AxolotlFGITTrainer(AxolotlTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parts = batch_loss(model, inputs, self.fgit, num_items_in_batch)
         self._record(parts, "train" if model.training else "eval")
-        return (parts.loss, {"loss": parts.loss}) if return_outputs else parts.loss
+        loss = parts.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # N is the global count; gradients are averaged over ranks (DDP/FSDP), so the
+            # rank-local sum is scaled by the world size, exactly as Hugging Face does.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def _record(self, parts: LossParts, split: str) -> None:
         sums = self._fgit_sums[split]

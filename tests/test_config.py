@@ -59,6 +59,7 @@ def test_valid_config_loads_with_defaults(tmp_path, smollm2_dir, pairs):
     ({"context_parallel_size": 2}, "context_parallel_size: 1"),
     ({"plugins": ["axolotl_fgit.FGITPlugin", "axolotl.integrations.kd.KDPlugin"]}, "also claim the trainer"),
     ({"rl": "dpo"}, "remove rl"),
+    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "use ZeRO-2 or FSDP"),
 ])
 def test_bad_configs_are_rejected_with_the_fix(tmp_path, smollm2_dir, pairs, changes, expect):
     with pytest.raises(Exception) as err:
@@ -83,7 +84,8 @@ def test_other_dataset_types_are_rejected(tmp_path, smollm2_dir, pairs):
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-coder-7b-lora.yml", "deepseek-coder-6.7b-full.yml",
-                                  "smollm2-135m-cpu.yml"])
+                                  "smollm2-135m-cpu.yml", "deepseek-coder-6.7b-fsdp2-full.yml",
+                                  "qwen2.5-coder-7b-fsdp2-lora.yml"])
 def test_example_configs_have_valid_fgit_blocks(name):
     from axolotl_fgit.args import FGITArgs
 

@@ -1,0 +1,100 @@
+"""One rank of a real multi-process FGIT step (launched by torchrun in test_distributed).
+
+Each rank takes its share of a fixed global batch, wraps the model in DDP or FSDP2
+(``fully_shard`` per decoder layer and at the root, as Axolotl's FSDP2 path does), and
+computes FGIT's loss with the trainer's normalisation: global N (one scalar all-reduce)
+and the rank-local sum scaled by the world size. Rank 0 writes the loss, the full
+gradients of a few parameters and the forward-call count of every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import datasets
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from axolotl_fgit.args import FGITColumns, FGITConfig
+from axolotl_fgit.collator import FGITPackedDataCollator
+from axolotl_fgit.strategy import FGITPromptStrategy
+from axolotl_fgit.trainer import batch_loss
+
+PARAMS = ("model.embed_tokens.weight", "model.layers.2.mlp.down_proj.weight", "model.norm.weight")
+
+
+def global_batch(model_dir: str, data: str, n: int):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    strategy = FGITPromptStrategy(tok, FGITColumns(), sequence_len=2048)
+    rows = datasets.load_from_disk(data).select(range(n))
+    return tok, [strategy.tokenize_prompt(dict(r)) for r in rows]
+
+
+def step(model, tok, feats, cfg: FGITConfig, n_items, scale: int) -> torch.Tensor:
+    batch = FGITPackedDataCollator(tok, return_tensors="pt")([copy.deepcopy(feats)])
+    loss = batch_loss(model, batch, cfg, n_items).loss * scale
+    loss.backward()
+    return loss.detach()
+
+
+def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
+    grad = param.grad
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--wrap", choices=["none", "ddp", "fsdp2"], required=True)
+    ap.add_argument("--detach", action="store_true")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    cfg = FGITConfig(detach_weights=args.detach)
+    distributed = args.wrap != "none"
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    tok, feats = global_batch(args.model, args.data, args.samples)
+    mine = feats[rank::world]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    calls = []
+    model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1) and None)
+    n_items = torch.tensor(sum(1 for f in mine for t in f["labels"][1:] if t != -100))
+    if args.wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.all_reduce(n_items)
+        wrapped = DistributedDataParallel(model)
+    elif args.wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        dist.all_reduce(n_items)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    else:
+        wrapped = model
+    loss = step(wrapped, tok, mine, cfg, n_items, world)
+    grads = {name: full_grad(p).detach().clone() for name, p in model.named_parameters() if name in PARAMS}
+    counts = torch.tensor([len(calls)])
+    if distributed:
+        dist.all_reduce(loss)
+        loss /= world
+        gathered = [torch.zeros_like(counts) for _ in range(world)]
+        dist.all_gather(gathered, counts)
+        counts = torch.cat(gathered)
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads, "forward_calls": counts.tolist()}, args.out)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
