@@ -13,13 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from axolotl.prompt_tokenizers import PromptTokenizingStrategy
-from axolotl.utils.logging import get_logger
 
 from axolotl_fgit.args import FGITColumns, FGITConfig, missing_columns
 from axolotl_fgit.loss import CORRECT, IGNORE, INCORRECT
 from preprocess.masks import project
 
-LOG = get_logger(__name__)
 FGIT_COLUMNS = ("fgit_side", "fgit_line", "fgit_edit")
 
 

@@ -13,13 +13,10 @@ from collections import defaultdict
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
-from axolotl.utils.logging import get_logger
 
 from axolotl_fgit.args import FGITConfig
 from axolotl_fgit.loss import CORRECT, INCORRECT, FlatBatch, LossParts, fgit_loss, flatten, token_logprobs
 from axolotl_fgit.strategy import FGIT_COLUMNS, fgit_config
-
-LOG = get_logger(__name__)
 METRICS = ("Hc", "Ha", "weight", "pair_acc", "sensitive_frac")
 
 

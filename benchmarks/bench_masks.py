@@ -35,11 +35,11 @@ def make_function(rng: random.Random, n_lines: int, idx: int) -> str:
         k = rng.randint(0, 5)
         v = f"v{len(lines)}"
         lines += [
-            [f"    for i in range(len(items)):", f"        {v} = items[i] * {rng.randint(2, 9)}",
+            ["    for i in range(len(items)):", f"        {v} = items[i] * {rng.randint(2, 9)}",
              f"        if {v} < limit and i % 2 == 0:", f"            total += {v}"],
             [f"    {v} = sum(items[1:]) + {rng.randint(1, 99)}  # partial sum"],
-            [f"    if total == 0 and limit > {rng.randint(0, 9)}:", f"        total = limit - 1"],
-            [f"    while total > limit:", f"        total -= {rng.randint(1, 5)}"],
+            [f"    if total == 0 and limit > {rng.randint(0, 9)}:", "        total = limit - 1"],
+            ["    while total > limit:", f"        total -= {rng.randint(1, 5)}"],
             [f"    {v} = [x + 1 for x in items if x != {rng.randint(0, 5)}]"],
             [f"    total = max(total, len(items) * {rng.randint(1, 4)})"],
         ][k]

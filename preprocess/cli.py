@@ -186,7 +186,7 @@ def run(
         _fail(f"the teacher refused the run, stopping at once: {err}")
     except BudgetStop as err:
         typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     except RuntimeError as err:
         _fail(str(err))
     _print_report(report, output)

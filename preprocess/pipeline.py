@@ -110,7 +110,7 @@ def write_rejects(path: Path, rejected, extra: list[dict[str, Any]] = ()) -> Cou
     counts: Counter = Counter()
     with path.open("w") as fh:
         for row in [*extra, *rejected]:
-            reason = row.get(REJECT) or row.get("reason")
+            reason = row[REJECT]
             counts[reason] += 1
             clean = {k: v for k, v in row.items() if k not in (REJECT, REJECT_DETAIL)
                      and v not in (None, [])}

@@ -8,7 +8,6 @@ for K variants → filter each answer (``variants``) → keep the most similar v
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +17,10 @@ from tqdm.auto import tqdm
 
 from preprocess.diff import DiffScope, code_view
 from preprocess.io import REPORT_FILE, Fields, RowError, normalise_row, rejects_path, write_json
-from preprocess.pipeline import MaskFn, compute_masks, save, write_rejects
+from preprocess.pipeline import REJECT, REJECT_DETAIL, MaskFn, compute_masks, save, write_rejects
 from preprocess.select import EmbeddingScorer, choose, levenshtein_scores
+from preprocess.cache import AnswerCache
 from preprocess.teacher import (
-    AnswerCache,
     Outcome,
     Teacher,
     TeacherSettings,
@@ -31,7 +30,6 @@ from preprocess.teacher import (
 )
 from preprocess.variants import candidate
 
-LOG = logging.getLogger("fgit.preprocess")
 MUTATE = "mutate"
 NO_VALID_VARIANT = "no-valid-variant"
 
@@ -110,7 +108,7 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
         try:
             row = normalise_row(raw, fields)
         except RowError as err:
-            rejects.append({**raw, "reason": err.reason, "fgit_reject_detail": str(err)})
+            rejects.append({**raw, REJECT: err.reason, REJECT_DETAIL: str(err)})
             continue
         rows.append(row)
         originals.append({k: v for k, v in raw.items() if k not in consumed})
@@ -144,8 +142,8 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
         detail = f"variant rejects {dict(reasons)}" if reasons else "teacher gave no answer"
         if i in outcome.errors:
             detail += f"; teacher error: {outcome.errors[i]}"
-        rejects.append({**originals[i], **row, "reason": NO_VALID_VARIANT,
-                        "fgit_reject_detail": redact(detail)})
+        rejects.append({**originals[i], **row, REJECT: NO_VALID_VARIANT,
+                        REJECT_DETAIL: redact(detail)})
     if not kept_rows:
         write_rejects(rejects_path(output), [], rejects)
         raise RuntimeError(f"no row has a valid variant ({dict(variant_reasons)}); see "

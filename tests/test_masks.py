@@ -27,10 +27,12 @@ def test_every_overlapped_token_is_marked(tokenizer):
     spans = pair_spans(CORRECT, INCORRECT)
     offsets = _offsets(tokenizer, CORRECT)
     masks = project(offsets, spans.correct_line, spans.correct_edit)
+    def overlaps(s: int, e: int, spans_: list) -> bool:
+        return e > s and any(s < b and a < e for a, b in spans_)
+
     for (s, e), line, edit in zip(offsets, masks.line, masks.edit):
-        overlaps = lambda sp: any(s < b and a < e for a, b in sp)  # noqa: E731
-        assert bool(line) == (e > s and overlaps(spans.correct_line))
-        assert bool(edit) == (e > s and overlaps(spans.correct_edit))
+        assert bool(line) == overlaps(s, e, spans.correct_line)
+        assert bool(edit) == overlaps(s, e, spans.correct_edit)
     assert set(np.unique(masks.hybrid)) <= {0, 1, 2} and masks.hybrid.max() == 2
 
 

@@ -21,7 +21,6 @@ import pytest
 from conftest import SAMPLE, run_cli
 from loopback_server import LoopbackServer, Reply, completion, error, last_user_text, request_json
 from preprocess.cache import AnswerCache
-from preprocess.diff import code_view
 from preprocess.io import rejects_path
 from preprocess.mutate import mutate_response
 from preprocess.teacher import Teacher, TeacherSettings, build_requests
