@@ -1,8 +1,9 @@
 """Axolotl trainer with FGIT's loss: one packed forward, chunked log-probs, metrics.
 
 Each micro-batch is flattened into a single packed row (position ids restart per half,
-so attention stays inside each response). By default one forward covers both halves of
-every pair; when the incorrect half needs no gradient (``detach_weights`` or a
+so attention stays inside each response), and the log-probabilities FGIT needs are
+computed inside that forward. By default one forward covers both halves of every pair;
+when the incorrect half needs no gradient (``detach_weights`` or a
 non-dynamic weighting during training) it runs first under ``no_grad`` (no activations
 kept, no backward) and only the correct half is trained.
 """
@@ -13,6 +14,7 @@ from collections import defaultdict
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
+from transformers import PreTrainedModel
 
 from axolotl_fgit.args import FGITConfig
 from axolotl_fgit.loss import CORRECT, INCORRECT, FlatBatch, LossParts, fgit_loss, flatten, token_logprobs
@@ -20,34 +22,49 @@ from axolotl_fgit.strategy import FGIT_COLUMNS, fgit_config
 METRICS = ("Hc", "Ha", "weight", "pair_acc", "sensitive_frac")
 
 
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The module mapping hidden states to logits (LoRA on it included), through wrappers."""
-    base = model
-    while hasattr(base, "module") and not hasattr(base, "get_output_embeddings"):
-        base = base.module  # DDP-style wrappers
-    head = base.get_output_embeddings()
-    if head is None:
-        raise AttributeError(f"{type(model).__name__} has no output embeddings (lm_head)")
-    return head
+def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The innermost causal LM inside DDP/FSDP/PEFT wrappers (it owns ``lm_head``)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.get_output_embeddings() is not None:
+            return module
+    raise AttributeError(f"{type(model).__name__} contains no model with output embeddings")
 
 
-def hidden_states(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states of one packed row; logits for just one position."""
-    out = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                output_hidden_states=True, logits_to_keep=1, return_dict=True)
-    return out.hidden_states[-1][0]
+def forward_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                     targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Forward one packed row; return ``log p(targets)`` predicted from hidden ``rows``.
+
+    The projection runs in a forward hook of the innermost causal LM, i.e. inside every
+    wrapper's forward, so FSDP1/FSDP2/DDP see ``lm_head`` gathered. The log-probs travel
+    in the output's ``logits`` field (a declared field survives wrappers that rebuild the
+    output), so wrappers put their backward hooks on them exactly as on logits.
+    """
+    inner = causal_lm(model)
+
+    def project(module, args, kwargs, output):
+        hidden = output.hidden_states[-1][0]
+        output["logits"] = token_logprobs(hidden[rows], module.get_output_embeddings(),
+                                          targets, chunk_size)
+        return output
+
+    handle = inner.register_forward_hook(project, with_kwargs=True)
+    try:
+        out = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1, return_dict=True)
+    finally:
+        handle.remove()
+    return out["logits"]
 
 
 def pair_logprobs(model, flat: FlatBatch, cfg: FGITConfig, split: bool):
     """``log p`` of the correct response tokens and of the incorrect sensitive tokens."""
-    head = output_head(model)
     sel_c, sel_a = flat.correct_tokens, flat.incorrect_sensitive
 
     def run(part: torch.Tensor, selections: list[torch.Tensor]) -> list[torch.Tensor]:
         index = torch.cumsum(part.long(), 0) - 1  # position of each token inside ``part``
-        hidden = hidden_states(model, flat.ids[part], flat.pos[part])
         sel = torch.cat([s.nonzero().squeeze(1) for s in selections])
-        logp = token_logprobs(hidden[index[sel] - 1], head, flat.ids[sel], cfg.logprob_chunk_size)
+        logp = forward_logprobs(model, flat.ids[part], flat.pos[part], index[sel] - 1,
+                                flat.ids[sel], cfg.logprob_chunk_size)
         return list(logp.split([int(s.sum()) for s in selections]))
 
     if not split:

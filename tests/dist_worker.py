@@ -45,12 +45,28 @@ def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
     return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def named_grads(model) -> dict[str, torch.Tensor]:
+    """Full gradients of the checked parameters (LoRA ones when the model has adapters)."""
+    out = {}
+    for name, param in model.named_parameters():
+        short = name.replace("_fsdp_wrapped_module.", "").replace("base_model.model.", "")
+        if param.grad is not None and (short in PARAMS or "lora_" in short and ".2." in short):
+            out[short] = full_grad(param).detach().clone()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--wrap", choices=["none", "ddp", "fsdp2"], required=True)
+    ap.add_argument("--wrap", choices=["none", "ddp", "fsdp1", "fsdp2"], required=True)
     ap.add_argument("--detach", action="store_true")
+    ap.add_argument("--lora", action="store_true")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -63,6 +79,12 @@ def main() -> None:
     mine = feats[rank::world]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
     model.train()
     calls = []
     model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1) and None)
@@ -76,13 +98,30 @@ def main() -> None:
         from torch.distributed.fsdp import fully_shard
 
         dist.all_reduce(n_items)
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer)
         wrapped = fully_shard(model)
+    elif args.wrap == "fsdp1":
+        import functools
+
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        dist.all_reduce(n_items)
+        layer_cls = {type(decoder_layers(model)[0])}
+        wrapped = FullyShardedDataParallel(
+            model, auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls),
+            device_id=torch.device("cpu"), use_orig_params=True)
     else:
         wrapped = model
     loss = step(wrapped, tok, mine, cfg, n_items, world)
-    grads = {name: full_grad(p).detach().clone() for name, p in model.named_parameters() if name in PARAMS}
+    if args.wrap == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            grads = named_grads(model)
+    else:
+        grads = named_grads(model)
     counts = torch.tensor([len(calls)])
     if distributed:
         dist.all_reduce(loss)

@@ -30,11 +30,10 @@ def pairs(tmp_path_factory) -> Path:
     return out
 
 
-def launch(tmp_path, smollm2_dir, pairs, wrap: str, nproc: int, detach: bool) -> dict:
-    out = tmp_path / f"{wrap}-{nproc}-{detach}.pt"
+def launch(tmp_path, smollm2_dir, pairs, wrap: str, nproc: int, detach: bool, lora: bool) -> dict:
+    out = tmp_path / f"{wrap}-{nproc}-{detach}-{lora}.pt"
     args = ["--model", str(smollm2_dir), "--data", str(pairs), "--wrap", wrap, "--out", str(out)]
-    if detach:
-        args.append("--detach")
+    args += ["--detach"] * detach + ["--lora"] * lora
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *args]
     else:
@@ -47,10 +46,15 @@ def launch(tmp_path, smollm2_dir, pairs, wrap: str, nproc: int, detach: bool) ->
     return torch.load(out)
 
 
-@pytest.mark.parametrize("wrap,detach", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, smollm2_dir, pairs, wrap, detach):
-    one = launch(tmp_path, smollm2_dir, pairs, "none", 1, detach)
-    two = launch(tmp_path, smollm2_dir, pairs, wrap, 2, detach)
+@pytest.mark.parametrize("wrap,detach,lora", [("ddp", False, False), ("fsdp2", False, False),
+                                              ("fsdp2", True, False), ("fsdp2", False, True),
+                                              ("fsdp1", False, False)])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, smollm2_dir, pairs, wrap, detach, lora):
+    one = launch(tmp_path, smollm2_dir, pairs, "none", 1, detach, lora)
+    two = launch(tmp_path, smollm2_dir, pairs, wrap, 2, detach, lora)
+    assert one["grads"].keys() == two["grads"].keys() and one["grads"]
+    if lora:
+        assert all("lora_" in name for name in one["grads"])  # only adapters train
     assert abs(one["loss"].item() - two["loss"].item()) < 1e-5, (one["loss"], two["loss"])
     for name, grad in one["grads"].items():
         assert grad.abs().sum() > 0
