@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from axolotl_fgit.args import FGITConfig
 from axolotl_fgit.loss import CORRECT, INCORRECT, FlatBatch, LossParts, fgit_loss, flatten, token_logprobs
 from axolotl_fgit.strategy import FGIT_COLUMNS, fgit_config
+
 METRICS = ("Hc", "Ha", "weight", "pair_acc", "sensitive_frac")
 
 
