@@ -2,7 +2,7 @@
 
 Each micro-batch is flattened into a single packed row (position ids restart per half,
 so attention stays inside each response), and the log-probabilities FGIT needs are
-computed inside that forward. By default one forward covers both halves of every pair;
+computed by the model's own output head inside that forward. By default one forward covers both halves of every pair;
 when the incorrect half needs no gradient (``detach_weights`` or a
 non-dynamic weighting during training) it runs first under ``no_grad`` (no activations
 kept, no backward) and only the correct half is trained.
@@ -35,26 +35,25 @@ def forward_logprobs(model, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Te
                      targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Forward one packed row; return ``log p(targets)`` predicted from hidden ``rows``.
 
-    The projection runs in a forward hook of the innermost causal LM, i.e. inside every
-    wrapper's forward, so FSDP1/FSDP2/DDP see ``lm_head`` gathered. The log-probs travel
-    in the output's ``logits`` field (a declared field survives wrappers that rebuild the
-    output), so wrappers put their backward hooks on them exactly as on logits.
+    ``logits_to_keep=rows`` makes the model hand exactly those hidden states to its
+    output head, and for this call the head returns chunked log-probs instead of logits.
+    The projection so runs inside every wrapper's forward (FSDP1/FSDP2/DDP/PEFT see the
+    head gathered and put their backward hooks on the result, as on logits), and no
+    full-vocabulary logits or extra hidden states are kept.
     """
-    inner = causal_lm(model)
-
-    def project(module, args, kwargs, output):
-        hidden = output.hidden_states[-1][0]
-        output["logits"] = token_logprobs(hidden[rows], module.get_output_embeddings(),
-                                          targets, chunk_size)
-        return output
-
-    handle = inner.register_forward_hook(project, with_kwargs=True)
+    head = causal_lm(model).get_output_embeddings()
+    own = head.__dict__.get("forward")  # an instance-level forward (e.g. accelerate hooks)
+    project = own or head.forward
+    head.forward = lambda hidden: token_logprobs(hidden[0], project, targets, chunk_size)[None]
     try:
         out = model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1, return_dict=True)
+                    logits_to_keep=rows, return_dict=True)
     finally:
-        handle.remove()
-    return out["logits"]
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    return out["logits"][0]
 
 
 def pair_logprobs(model, flat: FlatBatch, cfg: FGITConfig, split: bool):
