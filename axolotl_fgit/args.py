@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from axolotl_fgit.contract import Columns, ContractError, read_params
+
 LOG = logging.getLogger("axolotl_fgit")
 PLUGIN = "axolotl_fgit.FGITPlugin"
 STRATEGY_PREFIX = "axolotl_fgit.strategy"
@@ -35,45 +37,42 @@ class Granularity(str, Enum):
     token = "token"
 
 
-class FGITColumns(BaseModel):
-    """Dataset column names (defaults: what ``fgit-preprocess`` writes)."""
+class FGITConfig(BaseModel):
+    """FGIT's dynamically weighted loss: how tokens of the correct response are weighted."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = "prompt"
-    messages: str = "messages"
-    correct: str = "correct"
-    incorrect: str = "incorrect"
-    correct_line_spans: str = "correct_line_spans"
-    correct_edit_spans: str = "correct_edit_spans"
-    incorrect_line_spans: str = "incorrect_line_spans"
-    incorrect_edit_spans: str = "incorrect_edit_spans"
-
-
-class FGITConfig(BaseModel):
-    """FGIT's dynamically weighted loss (FGIT-SPEC §2)."""
-
-    model_config = ConfigDict(extra="forbid", use_enum_values=True)
-
-    alpha: float = Field(2.0, description="Weight range: shared tokens get alpha-1, "
-                         "sensitive tokens W in [alpha-1, alpha+1]. Must be >= 1.")
+    alpha: float = Field(
+        2.0,
+        description="Weight range: shared tokens get alpha-1, "
+        "sensitive tokens W in [alpha-1, alpha+1]. Must be >= 1.",
+    )
     weighting: Weighting = Weighting.dynamic
     granularity: Granularity = Granularity.hybrid
-    detach_weights: bool = Field(False, description="Stop gradients through W (cheaper: "
-                                 "the incorrect response needs no backward).")
+    detach_weights: bool = Field(
+        False,
+        description="Stop gradients through W (cheaper: the incorrect response needs no backward).",
+    )
     eps: float = Field(1e-6, gt=0, description="Guard for Hc + Ha.")
-    logprob_chunk_size: int = Field(512, ge=16, description="Tokens per chunk when "
-                                    "projecting hidden states onto the vocabulary.")
-    columns: FGITColumns = Field(default_factory=FGITColumns)
+    logprob_chunk_size: int = Field(
+        512,
+        ge=16,
+        description="Tokens per chunk when projecting hidden states onto the vocabulary.",
+    )
+    columns: Columns = Field(default_factory=Columns)
 
     @model_validator(mode="after")
-    def _alpha(self) -> "FGITConfig":
+    def _alpha(self) -> FGITConfig:
         if self.alpha < 1:
-            raise ValueError(f"fgit.alpha must be >= 1 (got {self.alpha}); alpha-1 is the "
-                             "weight of shared tokens. Use alpha: 2.0 for SFT weight 1 on them.")
+            raise ValueError(
+                f"fgit.alpha must be >= 1 (got {self.alpha}); alpha-1 is the "
+                "weight of shared tokens. Use alpha: 2.0 for SFT weight 1 on them."
+            )
         if self.alpha == 1 and self.weighting != Weighting.sft:
-            LOG.warning("fgit.alpha = 1 gives shared (non-sensitive) tokens weight 0: only "
-                        "error-sensitive tokens are trained")
+            LOG.warning(
+                "fgit.alpha = 1 gives shared (non-sensitive) tokens weight 0: only "
+                "error-sensitive tokens are trained"
+            )
         return self
 
 
@@ -112,16 +111,6 @@ def local_columns(path: str) -> set[str] | None:
     return None
 
 
-def missing_columns(present: set[str], columns: FGITColumns) -> list[str]:
-    """Required FGIT columns absent from ``present`` (a prompt or messages column counts)."""
-    need = [columns.correct, columns.incorrect, columns.correct_line_spans,
-            columns.correct_edit_spans, columns.incorrect_line_spans, columns.incorrect_edit_spans]
-    missing = [c for c in need if c not in present]
-    if columns.prompt not in present and columns.messages not in present:
-        missing.append(f"{columns.prompt} or {columns.messages}")
-    return missing
-
-
 class FGITArgs(BaseModel):
     """Top-level keys the plugin adds to Axolotl's config."""
 
@@ -136,38 +125,74 @@ class FGITArgs(BaseModel):
         problems = []
         for key in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size"):
             if (_get(data, key) or 1) > 1:
-                problems.append(f"{key}: {data[key]} splits sequences across ranks, but FGIT "
-                                f"pairs each correct response with its incorrect one in one "
-                                f"forward; set {key}: 1")
-        others = [p for p in data.get("plugins") or [] if p != PLUGIN and any(
-            s in p.lower() for s in ("kd", "diffusion", "grpo", "nemo_gym"))]
+                problems.append(
+                    f"{key}: {data[key]} splits sequences across ranks, but FGIT "
+                    f"pairs each correct response with its incorrect one in one "
+                    f"forward; set {key}: 1"
+                )
+        others = [
+            p
+            for p in data.get("plugins") or []
+            if p != PLUGIN and any(s in p.lower() for s in ("kd", "diffusion", "grpo", "nemo_gym"))
+        ]
         if others:
-            problems.append(f"plugins: {others} also claim the trainer or collator; FGIT "
-                            "needs its own. Remove them or remove the fgit: block")
+            problems.append(
+                f"plugins: {others} also claim the trainer or collator; FGIT "
+                "needs its own. Remove them or remove the fgit: block"
+            )
         for flag in ("kd_trainer", "rl", "reward_model", "process_reward_model", "orpo_alpha"):
             if _get(data, flag):
-                problems.append(f"{flag} replaces the SFT trainer that FGIT extends; remove "
-                                f"{flag} or the fgit: block")
+                problems.append(
+                    f"{flag} replaces the SFT trainer that FGIT extends; remove "
+                    f"{flag} or the fgit: block"
+                )
         if _zero_stage(_get(data, "deepspeed")) == 3:
-            problems.append("deepspeed: ZeRO-3 partitions lm_head outside the forward, where "
-                            "FGIT projects hidden states in per-rank chunks; use ZeRO-2 or "
-                            "FSDP (fsdp_version: 2)")
+            problems.append(
+                "deepspeed: ZeRO-3 partitions lm_head outside the forward, where "
+                "FGIT projects hidden states in per-rank chunks; use ZeRO-2 or "
+                "FSDP (fsdp_version: 2)"
+            )
         if _get(data, "pretraining_dataset"):
-            problems.append("pretraining_dataset has no correct/incorrect pairs; use "
-                            f"datasets: with type: {STRATEGY_PREFIX}")
+            problems.append(
+                "pretraining_dataset has no correct/incorrect pairs; use "
+                f"datasets: with type: {STRATEGY_PREFIX}"
+            )
         datasets = data.get("datasets") or []
-        wrong = [_get(d, "type") for d in datasets if not str(_get(d, "type") or "").startswith(STRATEGY_PREFIX)]
+        wrong = [
+            _get(d, "type")
+            for d in datasets
+            if not str(_get(d, "type") or "").startswith(STRATEGY_PREFIX)
+        ]
         if wrong:
-            problems.append(f"datasets: type {wrong} cannot feed FGIT; every dataset needs "
-                            f"type: {STRATEGY_PREFIX} (output of fgit-preprocess)")
-        columns = FGITColumns(**(_get(data["fgit"], "columns") or {})) if isinstance(
-            data["fgit"], dict) else data["fgit"].columns
+            problems.append(
+                f"datasets: type {wrong} cannot feed FGIT; every dataset needs "
+                f"type: {STRATEGY_PREFIX} (output of fgit-preprocess)"
+            )
+        columns = (
+            Columns(**(_get(data["fgit"], "columns") or {}))
+            if isinstance(data["fgit"], dict)
+            else data["fgit"].columns
+        )
         for ds in [*datasets, *(data.get("test_datasets") or [])]:
+            try:
+                read_params(Path(str(_get(ds, "path") or "")))
+            except ContractError as err:
+                problems.append(str(err))
             present = local_columns(str(_get(ds, "path") or ""))
-            if present is not None and (missing := missing_columns(present, columns)):
-                problems.append(f"dataset {_get(ds, 'path')} lacks FGIT columns {missing} "
-                                f"(has {sorted(present)}); run fgit-preprocess on it, or map "
-                                "your column names under fgit.columns")
+            if present is not None and (missing := columns.missing(present)):
+                problems.append(
+                    f"dataset {_get(ds, 'path')} lacks FGIT columns {missing} "
+                    f"(has {sorted(present)}); run fgit-preprocess on it, or map "
+                    "your column names under fgit.columns"
+                )
         if problems:
             raise ValueError("fgit: " + "; ".join(problems))
         return data
+
+
+def fgit_config(cfg: Any) -> FGITConfig:
+    """The validated ``fgit:`` block from an Axolotl cfg (dict or pydantic)."""
+    raw = cfg.get("fgit") if hasattr(cfg, "get") else getattr(cfg, "fgit", None)
+    if isinstance(raw, FGITConfig):
+        return raw
+    return FGITConfig(**(dict(raw) if raw else {}))

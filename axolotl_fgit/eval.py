@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Optional
 
 import typer
+
+from axolotl_fgit.args import Granularity
+from axolotl_fgit.contract import DEFAULT_COLUMNS, ContractError, read_params
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -28,35 +30,45 @@ def load_model(path: str, dtype: str):
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                     attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation="sdpa"
+        )
     return model.eval()
 
 
-def pair_scores(model, tokenizer, rows, granularity: str = "hybrid", batch_size: int = 4,
-                sequence_len: int = 4096) -> list[tuple[float, float]]:
+def pair_scores(
+    model,
+    tokenizer,
+    rows,
+    granularity: Granularity = Granularity.hybrid,
+    batch_size: int = 4,
+    sequence_len: int = 4096,
+) -> list[tuple[float, float]]:
     """(Hc, Ha) of every row that has sensitive tokens on both sides."""
     import torch
     from tqdm.auto import tqdm
 
-    from axolotl_fgit.args import FGITColumns, FGITConfig
+    from axolotl_fgit.args import FGITConfig
     from axolotl_fgit.collator import FGITDataCollator
     from axolotl_fgit.strategy import FGITPromptStrategy
     from axolotl_fgit.trainer import batch_loss
 
-    strategy = FGITPromptStrategy(tokenizer, FGITColumns(), sequence_len)
+    strategy = FGITPromptStrategy(tokenizer, DEFAULT_COLUMNS, sequence_len)
     collate = FGITDataCollator(tokenizer, return_tensors="pt")
     cfg = FGITConfig(granularity=granularity)
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, len(rows), batch_size), desc="Scoring pairs", unit="batch"):
-        feats = [strategy.tokenize_prompt(dict(rows[i]))
-                 for i in range(start, min(start + batch_size, len(rows)))]
+        feats = [
+            strategy.tokenize_prompt(dict(rows[i]))
+            for i in range(start, min(start + batch_size, len(rows)))
+        ]
         batch = {k: v.to(device) for k, v in collate(feats).items()}
         with torch.no_grad():
             parts = batch_loss(model, batch, cfg)
-        both = parts.has_c & parts.has_a
-        out += [(float(c), float(a)) for c, a in zip(parts.hc[both], parts.ha[both])]
+        hc, ha = parts.h_correct, parts.h_incorrect
+        both = hc.present & ha.present
+        out += [(float(c), float(a)) for c, a in zip(hc.value[both], ha.value[both])]
     return out
 
 
@@ -77,9 +89,11 @@ def summarise(scores: list[tuple[float, float]]) -> dict[str, float]:
 def main(
     model: str = typer.Option(..., help="Model folder (full checkpoint or LoRA adapter)."),
     data: Path = typer.Option(..., help="FGIT dataset (fgit-preprocess output directory)."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer path (default: the model's)."),
-    granularity: str = typer.Option("hybrid", help="hybrid | line | token (as in training)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N rows."),
+    tokenizer: str | None = typer.Option(None, help="Tokenizer path (default: the model's)."),
+    granularity: Granularity = typer.Option(
+        Granularity.hybrid, help="Sensitivity vector, as in training."
+    ),
+    limit: int | None = typer.Option(None, min=1, help="Score only the first N rows."),
     batch_size: int = typer.Option(4, min=1),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
@@ -88,16 +102,27 @@ def main(
     import datasets
     from transformers import AutoTokenizer
 
-    if granularity not in ("hybrid", "line", "token"):
-        raise typer.BadParameter("must be hybrid, line or token", param_hint="--granularity")
     if not (data / "state.json").exists():
         raise typer.BadParameter(f"{data} is not an FGIT dataset directory", param_hint="--data")
+    try:
+        read_params(data)
+    except ContractError as err:
+        raise typer.BadParameter(str(err), param_hint="--data") from None
     ds = datasets.load_from_disk(str(data))
+    if missing := DEFAULT_COLUMNS.missing(ds.column_names):
+        raise typer.BadParameter(
+            f"{data} lacks FGIT columns {missing}; run fgit-preprocess", param_hint="--data"
+        )
     rows = ds.select(range(min(limit, len(ds)))) if limit else ds
     tok_path = tokenizer or model
-    if (Path(model) / "adapter_config.json").exists() and tokenizer is None and not (
-            Path(model) / "tokenizer_config.json").exists():
-        tok_path = json.loads((Path(model) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if (
+        (Path(model) / "adapter_config.json").exists()
+        and tokenizer is None
+        and not (Path(model) / "tokenizer_config.json").exists()
+    ):
+        tok_path = json.loads((Path(model) / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
     tok = AutoTokenizer.from_pretrained(tok_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -106,10 +131,12 @@ def main(
     if json_out:
         typer.echo(json.dumps(result))
     else:
-        typer.echo(f"{model}: pair_acc {result['pair_acc']:.3f}  margin mean "
-                   f"{result['margin_mean']:+.4f}  median {result['margin_median']:+.4f}  "
-                   f"(Hc {result['Hc_mean']:.4f}, Ha {result['Ha_mean']:.4f}, "
-                   f"{result['pairs']} of {len(rows)} pairs scored)")
+        typer.echo(
+            f"{model}: pair_acc {result['pair_acc']:.3f}  margin mean "
+            f"{result['margin_mean']:+.4f}  median {result['margin_median']:+.4f}  "
+            f"(Hc {result['Hc_mean']:.4f}, Ha {result['Ha_mean']:.4f}, "
+            f"{result['pairs']} of {len(rows)} pairs scored)"
+        )
 
 
 def run() -> None:

@@ -1,22 +1,23 @@
-"""FGIT's dynamically weighted loss (FGIT-SPEC §2) as pure tensor functions.
+"""FGIT's dynamically weighted loss as pure tensor functions.
 
-Batches arrive as rows of pairs (``fgit_side`` 1 = correct half, 2 = incorrect half, 0 =
-padding) and are flattened into one packed token stream; ``sample`` indexes the pair
-each token belongs to. Per-token log-probabilities are computed from hidden states in
-chunks (``token_logprobs``), so the vocabulary projection never materialises
-``tokens × vocab`` logits, and its backward recomputes one chunk at a time.
+Batches arrive as rows of pairs (``fgit_side``: correct half, incorrect half, padding) and
+are flattened into one packed token stream; ``sample`` indexes the pair each token belongs
+to. Per sample, ``Hc`` and ``Ha`` are the sensitivity-weighted mean probabilities of the
+error-sensitive tokens of the correct and the incorrect response; the Bradley–Terry weight
+``W = α + 1 − 2·Hc/(Hc+Ha)`` then scales the loss of the correct response's sensitive tokens,
+and every other trained token gets ``α − 1``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
-CORRECT, INCORRECT = 1, 2
+from axolotl_fgit.args import FGITConfig, Granularity, Weighting
+from axolotl_fgit.contract import IGNORE_INDEX, Side
 
 
 @dataclass
@@ -34,82 +35,86 @@ class FlatBatch:
     @property
     def correct_tokens(self) -> torch.Tensor:
         """Trainable tokens of the correct responses (they carry labels)."""
-        return (self.labels != IGNORE) & (self.side == CORRECT) & (self.pos > 0)
+        return (self.labels != IGNORE_INDEX) & (self.side == Side.CORRECT) & (self.pos > 0)
 
     @property
     def incorrect_sensitive(self) -> torch.Tensor:
         """Error-sensitive tokens of the incorrect responses (they define Ha)."""
-        return (self.side == INCORRECT) & (self.v > 0) & (self.pos > 0)
+        return (self.side == Side.INCORRECT) & (self.v > 0) & (self.pos > 0)
 
 
-def sensitivity(line: torch.Tensor, edit: torch.Tensor, granularity: str) -> torch.Tensor:
+def sensitivity(line: torch.Tensor, edit: torch.Tensor, granularity: Granularity) -> torch.Tensor:
     """V per token: ``hybrid`` = line + edit, ``line`` = line, ``token`` = edit."""
-    if granularity == "hybrid":
-        return line + edit
-    if granularity == "line":
-        return line
-    if granularity == "token":
-        return edit
-    raise ValueError(f"unknown granularity {granularity!r}")
+    return {
+        Granularity.hybrid: lambda: line + edit,
+        Granularity.line: lambda: line,
+        Granularity.token: lambda: edit,
+    }[Granularity(granularity)]()
 
 
-def flatten(input_ids, labels, position_ids, side, line, edit, granularity: str) -> FlatBatch:
+def flatten(batch: Mapping[str, torch.Tensor], granularity: Granularity) -> FlatBatch:
     """Drop padding and number the pairs: a pair starts at a correct-half position 0."""
-    keep = side > 0
-    pos, s = position_ids[keep], side[keep]
-    sample = torch.cumsum(((pos == 0) & (s == CORRECT)).long(), 0) - 1
-    return FlatBatch(input_ids[keep], pos, s, labels[keep],
-                     sensitivity(line[keep], edit[keep], granularity).float(), sample,
-                     int(sample.max().item()) + 1 if sample.numel() else 0)
+    side = batch["fgit_side"]
+    keep = side > Side.PAD
+    pos, s = batch["position_ids"][keep], side[keep]
+    sample = torch.cumsum(((pos == 0) & (s == Side.CORRECT)).long(), 0) - 1
+    v = sensitivity(batch["fgit_line"][keep], batch["fgit_edit"][keep], granularity).float()
+    return FlatBatch(
+        batch["input_ids"][keep],
+        pos,
+        s,
+        batch["labels"][keep],
+        v,
+        sample,
+        int(sample.max().item()) + 1 if sample.numel() else 0,
+    )
 
 
-def _chunk_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+@dataclass
+class SideTokens:
+    """The selected tokens of one side: log-probability, sensitivity V and pair index."""
+
+    logp: torch.Tensor
+    v: torch.Tensor
+    sample: torch.Tensor
 
 
-def token_logprobs(hidden: torch.Tensor, head: Callable, targets: torch.Tensor,
-                   chunk_size: int) -> torch.Tensor:
-    """``log softmax(head(hidden))[target]`` per row, ``chunk_size`` rows at a time.
+class Strength(NamedTuple):
+    """``H`` per sample, and whether the sample has any sensitive token on that side."""
 
-    Under autograd each chunk is checkpointed: its logits are freed after the forward
-    and recomputed in the backward, so peak memory follows the chunk, not the batch.
-    """
-    out = []
-    for start in range(0, targets.numel(), chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            out.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(head, h, t))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    value: torch.Tensor
+    present: torch.Tensor
 
 
-def strengths(p: torch.Tensor, v: torch.Tensor, sample: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def strength(side: SideTokens, n_samples: int) -> Strength:
     """``H_i = Σ V p / Σ V`` over each sample's tokens, and whether ``Σ V > 0``."""
-    num = p.new_zeros(n).index_add(0, sample, v * p)
-    den = p.new_zeros(n).index_add(0, sample, v)
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny), den > 0
+    p = side.logp.exp()
+    num = p.new_zeros(n_samples).index_add(0, side.sample, side.v * p)
+    den = p.new_zeros(n_samples).index_add(0, side.sample, side.v)
+    return Strength(num / den.clamp_min(torch.finfo(den.dtype).tiny), den > 0)
 
 
-def pair_weight(hc, ha, has_c, has_a, alpha: float, weighting: str, eps: float) -> torch.Tensor:
+def pair_weight(correct: Strength, incorrect: Strength, cfg: FGITConfig) -> torch.Tensor:
     """W per sample: Bradley–Terry ``α + 1 − 2·Hc/(Hc+Ha)`` (``dynamic``) or ``α`` (``static``).
 
     A sample with sensitive correct tokens but none in the incorrect response (a pure
     insertion) gets ``α``; a sample without sensitive correct tokens never uses W.
     """
-    if weighting == "static":
+    hc, alpha = correct.value, cfg.alpha
+    if cfg.weighting == Weighting.static:
         return torch.full_like(hc, alpha)
-    w = alpha + 1 - 2 * hc / (hc + ha).clamp_min(eps)
-    w = torch.where(has_a, w, torch.full_like(w, alpha))
-    return torch.where(has_c, w, torch.full_like(w, alpha - 1))
+    w = alpha + 1 - 2 * hc / (hc + incorrect.value).clamp_min(cfg.eps)
+    w = torch.where(incorrect.present, w, torch.full_like(w, alpha))
+    return torch.where(correct.present, w, torch.full_like(w, alpha - 1))
 
 
-def token_weights(w_pair, v, sample, alpha: float, weighting: str) -> torch.Tensor:
+def token_weights(w_pair: torch.Tensor, correct: SideTokens, cfg: FGITConfig) -> torch.Tensor:
     """``w_j = W`` on sensitive correct tokens, ``α − 1`` elsewhere; all 1 for ``sft``."""
-    if weighting == "sft":
-        return torch.ones_like(v)
-    return torch.where(v > 0, w_pair[sample], torch.full_like(v, alpha - 1))
+    if cfg.weighting == Weighting.sft:
+        return torch.ones_like(correct.v)
+    return torch.where(
+        correct.v > 0, w_pair[correct.sample], torch.full_like(correct.v, cfg.alpha - 1)
+    )
 
 
 @dataclass
@@ -117,23 +122,34 @@ class LossParts:
     """The loss and what the metrics need."""
 
     loss: torch.Tensor
-    hc: torch.Tensor
-    ha: torch.Tensor
-    has_c: torch.Tensor
-    has_a: torch.Tensor
+    h_correct: Strength
+    h_incorrect: Strength
     w_pair: torch.Tensor
     sensitive: torch.Tensor  # share of correct tokens with V > 0 (0-d)
 
+    def detach(self) -> LossParts:
+        return LossParts(
+            self.loss.detach(),
+            Strength(*(t.detach() for t in self.h_correct)),
+            Strength(*(t.detach() for t in self.h_incorrect)),
+            self.w_pair.detach(),
+            self.sensitive.detach(),
+        )
 
-def fgit_loss(logp_c, sample_c, v_c, logp_a, sample_a, v_a, n_samples: int, num_items,
-              alpha: float, weighting: str, detach: bool, eps: float) -> LossParts:
-    """``Σ w_j · (−log p_j^c) / N`` with FGIT's weights (N as Hugging Face counts it)."""
-    hc, has_c = strengths(logp_c.exp(), v_c, sample_c, n_samples)
-    ha, has_a = strengths(logp_a.exp(), v_a, sample_a, n_samples)
-    w_pair = pair_weight(hc, ha, has_c, has_a, alpha, weighting, eps)
-    if detach:
+
+def fgit_loss(
+    correct: SideTokens,
+    incorrect: SideTokens,
+    n_samples: int,
+    num_items: torch.Tensor | int,
+    cfg: FGITConfig,
+) -> LossParts:
+    """``Σ w_j · (−log p_j^c) / N`` with FGIT's weights (N counted as Hugging Face does)."""
+    h_correct, h_incorrect = strength(correct, n_samples), strength(incorrect, n_samples)
+    w_pair = pair_weight(h_correct, h_incorrect, cfg)
+    if cfg.detach_weights:
         w_pair = w_pair.detach()
-    w = token_weights(w_pair, v_c, sample_c, alpha, weighting)
-    loss = (w * -logp_c).sum() / num_items
-    sensitive = (v_c > 0).float().mean() if v_c.numel() else v_c.new_zeros(())
-    return LossParts(loss, hc, ha, has_c, has_a, w_pair, sensitive)
+    w = token_weights(w_pair, correct, cfg)
+    loss = (w * -correct.logp).sum() / num_items
+    sensitive = (correct.v > 0).float().mean() if correct.v.numel() else correct.v.new_zeros(())
+    return LossParts(loss, h_correct, h_incorrect, w_pair, sensitive)

@@ -16,8 +16,10 @@ class FGITPlugin(BasePlugin):
 
     def register(self, cfg: dict) -> None:
         if not cfg.get("fgit"):
-            LOG.warning("axolotl_fgit.FGITPlugin is listed but the config has no fgit: block; "
-                        "training is plain SFT. Add fgit: {alpha: 2.0} to turn FGIT on.")
+            LOG.warning(
+                "axolotl_fgit.FGITPlugin is listed but the config has no fgit: block; "
+                "training is plain SFT. Add fgit: {alpha: 2.0} to turn FGIT on."
+            )
 
     def get_training_args(self, cfg):
         """Count N across ranks (one scalar all-reduce), so N ranks match one process."""

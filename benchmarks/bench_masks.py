@@ -22,21 +22,24 @@ from pathlib import Path
 
 import Levenshtein
 
-from preprocess.diff import pair_spans
+from fgit_preprocess.diff import pair_spans
 
 OPS = [("<", "<="), ("+", "-"), ("== 0", "!= 0"), ("[i]", "[i + 1]"), ("1", "2"), ("and", "or")]
 
 
 def make_function(rng: random.Random, n_lines: int, idx: int) -> str:
     """A plausible Python function of ``n_lines`` lines (loops, conditions, arithmetic)."""
-    lines = [f"def process_{idx}(items, limit):", '    """Process the items."""',
-             "    total = 0"]
+    lines = [f"def process_{idx}(items, limit):", '    """Process the items."""', "    total = 0"]
     while len(lines) < n_lines - 1:
         k = rng.randint(0, 5)
         v = f"v{len(lines)}"
         lines += [
-            ["    for i in range(len(items)):", f"        {v} = items[i] * {rng.randint(2, 9)}",
-             f"        if {v} < limit and i % 2 == 0:", f"            total += {v}"],
+            [
+                "    for i in range(len(items)):",
+                f"        {v} = items[i] * {rng.randint(2, 9)}",
+                f"        if {v} < limit and i % 2 == 0:",
+                f"            total += {v}",
+            ],
             [f"    {v} = sum(items[1:]) + {rng.randint(1, 99)}  # partial sum"],
             [f"    if total == 0 and limit > {rng.randint(0, 9)}:", "        total = limit - 1"],
             ["    while total > limit:", f"        total -= {rng.randint(1, 5)}"],
@@ -71,7 +74,9 @@ def make_pairs(n: int, n_lines: int, seed: int = 0) -> list[tuple[str, str]]:
 
 def raw_diffs(pairs) -> None:
     for c, a in pairs:
-        difflib.SequenceMatcher(None, a.splitlines(True), c.splitlines(True), autojunk=False).get_opcodes()
+        difflib.SequenceMatcher(
+            None, a.splitlines(True), c.splitlines(True), autojunk=False
+        ).get_opcodes()
         Levenshtein.opcodes(a, c)
 
 
@@ -87,7 +92,9 @@ def rate(fn, pairs) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--pairs", type=int, default=100_000, help="pairs for the JSONL→Arrow run")
     ap.add_argument("--num-proc", type=int, default=2)
     args = ap.parse_args()
@@ -105,14 +112,29 @@ def main() -> None:
             for i, (c, a) in enumerate(make_pairs(args.pairs, 40, seed=1)):
                 fh.write(json.dumps({"prompt": f"Task {i}", "correct": c, "incorrect": a}) + "\n")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "preprocess", "masks", "-i", str(src), "-o",
-                        str(Path(tmp) / "out"), "--num-proc", str(args.num_proc)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fgit_preprocess",
+                "masks",
+                "-i",
+                str(src),
+                "-o",
+                str(Path(tmp) / "out"),
+                "--num-proc",
+                str(args.num_proc),
+            ],
+            check=True,
+            capture_output=True,
+        )
         dt = time.perf_counter() - t0
         report = json.loads((Path(tmp) / "out" / "report.json").read_text())
-    print(f"\nfgit-preprocess masks: {args.pairs:,} pairs JSONL→Arrow with --num-proc "
-          f"{args.num_proc}: {dt:.1f} s ({args.pairs / dt:,.0f} pairs/s), "
-          f"{report['rows_out']:,} kept, rejects {report['rejects_by_reason']}")
+    print(
+        f"\nfgit-preprocess masks: {args.pairs:,} pairs JSONL→Arrow with --num-proc "
+        f"{args.num_proc}: {dt:.1f} s ({args.pairs / dt:,.0f} pairs/s), "
+        f"{report['rows_out']:,} kept, rejects {report['rejects_by_reason']}"
+    )
 
 
 if __name__ == "__main__":

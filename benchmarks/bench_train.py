@@ -29,10 +29,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # random-init Llama shapes (SmolLM2-135M and a ~1.3B model)
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                 num_attention_heads=9, num_key_value_heads=3),
-    "1.3b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
-                 num_attention_heads=16, num_key_value_heads=16),
+    "135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    ),
+    "1.3b": dict(
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    ),
 }
 
 
@@ -57,7 +67,9 @@ def load_model(args, device):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=dtype, attn_implementation="sdpa"
+        )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -85,11 +97,12 @@ def worker(args) -> dict:
 
     import datasets
     import torch
+    from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq
     from transformers import AutoTokenizer
 
-    from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq
-    from axolotl_fgit.args import FGITColumns, FGITConfig
+    from axolotl_fgit.args import FGITConfig
     from axolotl_fgit.collator import FGITPackedDataCollator
+    from axolotl_fgit.contract import Columns
     from axolotl_fgit.strategy import FGITPromptStrategy
     from axolotl_fgit.trainer import batch_loss
 
@@ -97,14 +110,20 @@ def worker(args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.pad_token = tok.pad_token or tok.eos_token
     rows = datasets.load_from_disk(args.data)
-    strategy = FGITPromptStrategy(tok, FGITColumns(), sequence_len=args.packed_tokens)
+    strategy = FGITPromptStrategy(tok, Columns(), sequence_len=args.packed_tokens)
     feats = [strategy.tokenize_prompt(dict(r)) for r in rows]
     if args.worker == "sft":
         halves = []
         for f in feats:
             n = f["fgit_side"].count(1)
-            halves.append({"input_ids": f["input_ids"][:n], "labels": f["labels"][:n],
-                           "attention_mask": [1] * n, "position_ids": list(range(n))})
+            halves.append(
+                {
+                    "input_ids": f["input_ids"][:n],
+                    "labels": f["labels"][:n],
+                    "attention_mask": [1] * n,
+                    "position_ids": list(range(n)),
+                }
+            )
         feats, collate = halves, V2BatchSamplerDataCollatorForSeq2Seq(tok, return_tensors="pt")
     else:
         collate = FGITPackedDataCollator(tok, return_tensors="pt")
@@ -136,11 +155,17 @@ def worker(args) -> dict:
             elapsed += time.perf_counter() - t0
             tokens += int(batch["input_ids"].numel())
             samples += len(pack)
-    return {"mode": args.worker, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "steps": len(batches) - args.warmup, "tokens_per_s": tokens / elapsed,
-            "s_per_sample": elapsed / samples, "tokens_per_step": tokens / (len(batches) - args.warmup),
-            "samples_per_step": samples / (len(batches) - args.warmup),
-            "peak_gib": peak_bytes(device) / 2**30, "final_loss": float(loss)}
+    return {
+        "mode": args.worker,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "steps": len(batches) - args.warmup,
+        "tokens_per_s": tokens / elapsed,
+        "s_per_sample": elapsed / samples,
+        "tokens_per_step": tokens / (len(batches) - args.warmup),
+        "samples_per_step": samples / (len(batches) - args.warmup),
+        "peak_gib": peak_bytes(device) / 2**30,
+        "final_loss": float(loss),
+    }
 
 
 def loss_path(args) -> dict:
@@ -163,10 +188,16 @@ def loss_path(args) -> dict:
     token_logprobs(hidden, head, targets, args.chunk).sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"mode": "loss-path", "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden,
-            "chunk": args.chunk, "peak_gib": (peak_bytes(device) - base) / 2**30,
-            "naive_fp32_logits_gib": args.tokens * args.vocab * 4 / 2**30,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "mode": "loss-path",
+        "tokens": args.tokens,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "chunk": args.chunk,
+        "peak_gib": (peak_bytes(device) - base) / 2**30,
+        "naive_fp32_logits_gib": args.tokens * args.vocab * 4 / 2**30,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def spawn(args, mode: str, extra: list[str]) -> dict:
@@ -178,7 +209,10 @@ def spawn(args, mode: str, extra: list[str]) -> dict:
 
 
 def default_model() -> str:
-    for path in (ROOT / "demo-out" / "smollm2-135m-instruct", ROOT / ".test-cache" / "smollm2-135m-instruct"):
+    for path in (
+        ROOT / "demo-out" / "smollm2-135m-instruct",
+        ROOT / ".test-cache" / "smollm2-135m-instruct",
+    ):
         if (path / "config.json").exists():
             return str(path)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -188,9 +222,13 @@ def default_model() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="HF model folder (config + tokenizer)")
-    ap.add_argument("--data", default=None, help="FGIT dataset dir (default: mutate on the bundled sample)")
+    ap.add_argument(
+        "--data", default=None, help="FGIT dataset dir (default: mutate on the bundled sample)"
+    )
     ap.add_argument("--random-init", choices=sorted(SHAPES), default=None)
     ap.add_argument("--packed-tokens", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
@@ -198,7 +236,9 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--tokens", type=int, default=32768, help="loss path: packed tokens")
     ap.add_argument("--vocab", type=int, default=152064, help="loss path: vocabulary size")
-    ap.add_argument("--hidden", type=int, default=None, help="loss path: hidden size (default 896 GPU, 64 CPU)")
+    ap.add_argument(
+        "--hidden", type=int, default=None, help="loss path: hidden size (default 896 GPU, 64 CPU)"
+    )
     ap.add_argument("--chunk", type=int, default=512, help="loss path: logprob_chunk_size")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-loss-path", action="store_true")
@@ -215,12 +255,34 @@ def main() -> None:
         data = args.data
         if data is None:
             data = str(Path(tmp) / "pairs")
-            subprocess.run([sys.executable, "-m", "preprocess", "run", "-i",
-                            str(ROOT / "examples" / "data" / "sample.jsonl"), "-o", data,
-                            "--teacher", "mutate", "--similarity", "levenshtein"],
-                           check=True, capture_output=True)
-        common = ["--data", data, "--packed-tokens", str(args.packed_tokens), "--steps", str(args.steps),
-                  "--warmup", str(args.warmup)]
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fgit_preprocess",
+                    "run",
+                    "-i",
+                    str(ROOT / "examples" / "data" / "sample.jsonl"),
+                    "-o",
+                    data,
+                    "--teacher",
+                    "mutate",
+                    "--similarity",
+                    "levenshtein",
+                ],
+                check=True,
+                capture_output=True,
+            )
+        common = [
+            "--data",
+            data,
+            "--packed-tokens",
+            str(args.packed_tokens),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         if args.random_init:
             common += ["--random-init", args.random_init]
         if args.gradient_checkpointing:
@@ -229,20 +291,43 @@ def main() -> None:
     sft = results[0]
     label = f"{args.random_init or Path(args.model).name}, {args.packed_tokens} packed tokens/step"
     print(f"\nFGIT vs SFT on {results[0]['device']} ({label})")
-    print(f"{'mode':<13}{'tokens/s':>11}{'× SFT':>7}{'s/sample':>10}{'× SFT':>7}{'peak GiB':>10}{'× SFT':>7}{'samples/step':>14}")
+    x = "× SFT"
+    print(
+        f"{'mode':<13}{'tokens/s':>11}{x:>7}{'s/sample':>10}{x:>7}{'peak GiB':>10}{x:>7}"
+        f"{'samples/step':>14}"
+    )
     for r in results:
-        print(f"{r['mode']:<13}{r['tokens_per_s']:>11,.0f}{r['tokens_per_s'] / sft['tokens_per_s']:>7.2f}"
-              f"{r['s_per_sample']:>10.3f}{r['s_per_sample'] / sft['s_per_sample']:>7.2f}"
-              f"{r['peak_gib']:>10.2f}{r['peak_gib'] / sft['peak_gib']:>7.2f}{r['samples_per_step']:>14.1f}")
+        print(
+            f"{r['mode']:<13}{r['tokens_per_s']:>11,.0f}"
+            f"{r['tokens_per_s'] / sft['tokens_per_s']:>7.2f}"
+            f"{r['s_per_sample']:>10.3f}{r['s_per_sample'] / sft['s_per_sample']:>7.2f}"
+            f"{r['peak_gib']:>10.2f}{r['peak_gib'] / sft['peak_gib']:>7.2f}"
+            f"{r['samples_per_step']:>14.1f}"
+        )
     if not args.skip_loss_path:
         import torch
 
         hidden = args.hidden or (896 if torch.cuda.is_available() else 64)
-        lp = spawn(args, "loss-path", ["--tokens", str(args.tokens), "--vocab", str(args.vocab),
-                                       "--hidden", str(hidden), "--chunk", str(args.chunk)])
-        print(f"\nloss path alone: {lp['tokens']:,} tokens × {lp['vocab']:,} vocab (hidden {lp['hidden']}, "
-              f"chunk {lp['chunk']}): peak {lp['peak_gib']:.2f} GiB measured over its inputs, "
-              f"{lp['seconds']:.1f} s; naive fp32 logits alone: {lp['naive_fp32_logits_gib']:.1f} GiB (computed)")
+        lp = spawn(
+            args,
+            "loss-path",
+            [
+                "--tokens",
+                str(args.tokens),
+                "--vocab",
+                str(args.vocab),
+                "--hidden",
+                str(hidden),
+                "--chunk",
+                str(args.chunk),
+            ],
+        )
+        print(
+            f"\nloss path alone: {lp['tokens']:,} tokens × {lp['vocab']:,} vocab "
+            f"(hidden {lp['hidden']}, chunk {lp['chunk']}): peak {lp['peak_gib']:.2f} GiB "
+            f"measured over its inputs, {lp['seconds']:.1f} s; naive fp32 logits alone: "
+            f"{lp['naive_fp32_logits_gib']:.1f} GiB (computed)"
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ torch.manual_seed(0)
 LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out / "model")
 tok.save_pretrained(out / "model")
 PY
-python3 -m preprocess run -i examples/data/sample.jsonl -o "$OUT/pairs" --teacher mutate \
+python3 -m fgit_preprocess run -i examples/data/sample.jsonl -o "$OUT/pairs" --teacher mutate \
   --similarity levenshtein --overwrite
 python3 - "$OUT" <<'PY'
 import sys, yaml, pathlib

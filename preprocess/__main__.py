@@ -1,5 +1,5 @@
 """``python -m preprocess`` is ``fgit-preprocess``."""
 
-from preprocess.cli import main
+from fgit_preprocess.cli import main
 
 main()

@@ -28,16 +28,19 @@ class AnswerCache:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS answers "
-                         "(key TEXT PRIMARY KEY, texts TEXT NOT NULL, cost REAL NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers "
+            "(key TEXT PRIMARY KEY, texts TEXT NOT NULL, cost REAL NOT NULL)"
+        )
 
     def get(self, key: str) -> tuple[list[str], float] | None:
         row = self._db.execute("SELECT texts, cost FROM answers WHERE key = ?", (key,)).fetchone()
         return (json.loads(row[0]), row[1]) if row else None
 
     def put(self, key: str, texts: list[str], cost: float) -> None:
-        self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
-                         (key, json.dumps(texts), cost))
+        self._db.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (key, json.dumps(texts), cost)
+        )
 
     def close(self) -> None:
         self._db.close()

@@ -1,4 +1,4 @@
-"""``fgit-preprocess``: build FGIT's paired Arrow dataset (FGIT-SPEC §1).
+"""``fgit-preprocess``: build FGIT's paired Arrow dataset (error-sensitive segments).
 
 Heavy libraries (datasets, transformers, litellm, torch) are imported inside the
 commands, so ``--help`` answers at once.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,35 +20,63 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-InputOpt = typer.Option(..., "--input", "-i", help="JSONL/JSON/Parquet/Arrow file, a "
-                        "save_to_disk directory, or a Hub dataset name.")
-OutputOpt = typer.Option(..., "--output", "-o", help="Directory for the Arrow dataset "
-                         "(datasets.save_to_disk) and report.json; rejected rows go to "
-                         "<output>.rejects.jsonl beside it.")
+InputOpt = typer.Option(
+    ...,
+    "--input",
+    "-i",
+    help="JSONL/JSON/Parquet/Arrow file, a save_to_disk directory, or a Hub dataset name.",
+)
+OutputOpt = typer.Option(
+    ...,
+    "--output",
+    "-o",
+    help="Directory for the Arrow dataset "
+    "(datasets.save_to_disk) and report.json; rejected rows go to "
+    "<output>.rejects.jsonl beside it.",
+)
 SplitOpt = typer.Option("train", help="Split to read from a Hub dataset or DatasetDict.")
-PromptOpt = typer.Option(None, help="Plain-text prompt column (default: first of prompt, "
-                         "instruction, question, problem, query). An 'input' column is "
-                         "appended when present.")
-MessagesOpt = typer.Option(None, help="Chat column of {role, content} turns (default: "
-                           "messages/conversations when no prompt column exists). Without "
-                           "--correct-field the last assistant turn is the correct answer.")
-CorrectOpt = typer.Option(None, help="Correct-response column (default: first of correct, "
-                          "response, output, solution, completion, answer).")
-ScopeOpt = typer.Option("code", help="'code': diff only the fenced code blocks of markdown "
-                        "responses (whole text when there is no fence); 'response': diff "
-                        "the full texts.")
+PromptOpt = typer.Option(
+    None,
+    help="Plain-text prompt column (default: first of prompt, "
+    "instruction, question, problem, query). An 'input' column is "
+    "appended when present.",
+)
+MessagesOpt = typer.Option(
+    None,
+    help="Chat column of {role, content} turns (default: "
+    "messages/conversations when no prompt column exists). Without "
+    "--correct-field the last assistant turn is the correct answer.",
+)
+CorrectOpt = typer.Option(
+    None,
+    help="Correct-response column (default: first of correct, "
+    "response, output, solution, completion, answer).",
+)
+ScopeOpt = typer.Option(
+    "code",
+    help="'code': diff only the fenced code blocks of markdown "
+    "responses (whole text when there is no fence); 'response': diff "
+    "the full texts.",
+)
 NumProcOpt = typer.Option(1, min=1, help="Worker processes for the mask stage.")
-TokenizerOpt = typer.Option(None, help="Also write token-level hybrid vectors "
-                            "(correct_hybrid, incorrect_hybrid) for this tokenizer (name or "
-                            "local path), for inspection.")
+TokenizerOpt = typer.Option(
+    None,
+    help="Also write token-level hybrid vectors "
+    "(correct_hybrid, incorrect_hybrid) for this tokenizer (name or "
+    "local path), for inspection.",
+)
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output directory.")
 
 
 def _setup_logging() -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False)],
+    )
 
 
 def _fail(message: str) -> None:
@@ -62,7 +89,7 @@ def _check_output(output: Path, overwrite: bool) -> None:
         _fail(f"{output} exists and is not empty; pass --overwrite to replace it")
 
 
-def _load_tokenizer(name: Optional[str]):
+def _load_tokenizer(name: str | None):
     if name is None:
         return None
     from transformers import AutoTokenizer
@@ -78,35 +105,48 @@ def masks(
     input: str = InputOpt,
     output: Path = OutputOpt,
     split: str = SplitOpt,
-    prompt_field: Optional[str] = PromptOpt,
-    messages_field: Optional[str] = MessagesOpt,
-    correct_field: Optional[str] = CorrectOpt,
-    incorrect_field: Optional[str] = typer.Option(None, help="Incorrect-response column "
-                                                  "(default: incorrect or rejected)."),
+    prompt_field: str | None = PromptOpt,
+    messages_field: str | None = MessagesOpt,
+    correct_field: str | None = CorrectOpt,
+    incorrect_field: str | None = typer.Option(
+        None, help="Incorrect-response column (default: incorrect or rejected)."
+    ),
     diff_scope: str = ScopeOpt,
-    tokenizer: Optional[str] = TokenizerOpt,
+    tokenizer: str | None = TokenizerOpt,
     num_proc: int = NumProcOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Mark error-sensitive segments in a dataset that already pairs correct and incorrect
     responses; write the Arrow dataset, report.json and the rejects file."""
     _setup_logging()
-    from preprocess.io import InputError, load_rows, resolve_fields
-    from preprocess.pipeline import MaskFn, compute_masks, save
+    from fgit_preprocess.pipeline import MaskFn, compute_masks, save
+    from fgit_preprocess.sources import InputError, load_rows, resolve_fields
 
     if diff_scope not in ("code", "response"):
         _fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
     _check_output(output, overwrite)
     try:
         ds = load_rows(input, split)
-        fields = resolve_fields(ds.column_names, prompt_field, correct_field,
-                                incorrect_field, messages_field, paired=True)
+        fields = resolve_fields(
+            ds.column_names,
+            prompt_field,
+            correct_field,
+            incorrect_field,
+            messages_field,
+            paired=True,
+        )
     except InputError as err:
         _fail(str(err))
     fn = MaskFn(fields, diff_scope, _load_tokenizer(tokenizer))
     kept, rejected = compute_masks(ds, fn, num_proc)
-    params = {"command": "masks", "input": input, "split": split, "diff_scope": diff_scope,
-              "fields": vars(fields), "tokenizer": tokenizer}
+    params = {
+        "command": "masks",
+        "input": input,
+        "split": split,
+        "diff_scope": diff_scope,
+        "fields": vars(fields),
+        "tokenizer": tokenizer,
+    }
     report = save(kept, rejected, output, params)
     _print_report(report, output)
 
@@ -115,41 +155,64 @@ def masks(
 def run(
     input: str = InputOpt,
     output: Path = OutputOpt,
-    teacher: str = typer.Option(..., help="litellm model string (openai/gpt-4o-mini, "
-                                "anthropic/claude-3-5-haiku-latest, hosted_vllm/NAME or "
-                                "openai/NAME with --api-base, ollama/NAME), or 'mutate' for "
-                                "the built-in offline mutation teacher. Keys come from the "
-                                "environment as litellm expects (OPENAI_API_KEY, ...)."),
-    api_base: Optional[str] = typer.Option(None, help="Endpoint of an OpenAI-compatible "
-                                           "server (vLLM, llama.cpp, TGI, ...)."),
-    num_variants: int = typer.Option(4, min=1, help="Variants asked per row (K); uses the "
-                                     "API's n where supported, parallel calls otherwise."),
+    teacher: str = typer.Option(
+        ...,
+        help="litellm model string (openai/gpt-4o-mini, "
+        "anthropic/claude-3-5-haiku-latest, hosted_vllm/NAME or "
+        "openai/NAME with --api-base, ollama/NAME), or 'mutate' for "
+        "the built-in offline mutation teacher. Keys come from the "
+        "environment as litellm expects (OPENAI_API_KEY, ...).",
+    ),
+    api_base: str | None = typer.Option(
+        None, help="Endpoint of an OpenAI-compatible server (vLLM, llama.cpp, TGI, ...)."
+    ),
+    num_variants: int = typer.Option(
+        4,
+        min=1,
+        help="Variants asked per row (K); uses the "
+        "API's n where supported, parallel calls otherwise.",
+    ),
     temperature: float = typer.Option(1.0, min=0.0, help="Teacher sampling temperature."),
     max_tokens: int = typer.Option(2048, min=1, help="Teacher answer length limit."),
     concurrency: int = typer.Option(16, min=1, help="Teacher requests in flight at once."),
     timeout: float = typer.Option(120.0, min=0.1, help="Per-request timeout in seconds."),
-    max_retries: int = typer.Option(6, min=0, help="Retries per request on 429/5xx/"
-                                    "timeouts/connection errors (exponential backoff with "
-                                    "jitter, honouring Retry-After)."),
-    max_cost: Optional[float] = typer.Option(None, min=0.0, help="Stop cleanly once the "
-                                             "teacher has cost this many USD (cached answers "
-                                             "count); rerun with a higher budget to resume."),
-    prompt_template: Optional[Path] = typer.Option(None, help="Prompt template file with "
-                                                   "the placeholders {problem} and {solution}."),
-    cache: Optional[Path] = typer.Option(None, help="Answer cache (SQLite); default "
-                                         "<output>.teacher-cache.sqlite. Reruns reuse it."),
-    similarity: str = typer.Option("embedding", help="'embedding' (cosine of --embedder "
-                                   "embeddings) or 'levenshtein' (no model)."),
-    embedder: str = typer.Option("microsoft/unixcoder-base", help="sentence-transformers "
-                                 "model name or local path for --similarity embedding."),
+    max_retries: int = typer.Option(
+        6,
+        min=0,
+        help="Retries per request on 429/5xx/"
+        "timeouts/connection errors (exponential backoff with "
+        "jitter, honouring Retry-After).",
+    ),
+    max_cost: float | None = typer.Option(
+        None,
+        min=0.0,
+        help="Stop cleanly once the "
+        "teacher has cost this many USD (cached answers "
+        "count); rerun with a higher budget to resume.",
+    ),
+    prompt_template: Path | None = typer.Option(
+        None, help="Prompt template file with the placeholders {problem} and {solution}."
+    ),
+    cache: Path | None = typer.Option(
+        None, help="Answer cache (SQLite); default <output>.teacher-cache.sqlite. Reruns reuse it."
+    ),
+    similarity: str = typer.Option(
+        "embedding",
+        help="'embedding' (cosine of --embedder embeddings) or 'levenshtein' (no model).",
+    ),
+    embedder: str = typer.Option(
+        "microsoft/unixcoder-base",
+        help="sentence-transformers model name or local path for --similarity embedding.",
+    ),
     embed_batch_size: int = typer.Option(64, min=1, help="Embedding batch size."),
-    require_parse: bool = typer.Option(False, "--require-parse", help="Reject Python "
-                                       "variants that do not parse."),
+    require_parse: bool = typer.Option(
+        False, "--require-parse", help="Reject Python variants that do not parse."
+    ),
     seed: int = typer.Option(0, help="Seed of the mutation teacher."),
     split: str = SplitOpt,
-    prompt_field: Optional[str] = PromptOpt,
-    messages_field: Optional[str] = MessagesOpt,
-    correct_field: Optional[str] = CorrectOpt,
+    prompt_field: str | None = PromptOpt,
+    messages_field: str | None = MessagesOpt,
+    correct_field: str | None = CorrectOpt,
     diff_scope: str = ScopeOpt,
     num_proc: int = NumProcOpt,
     overwrite: bool = OverwriteOpt,
@@ -157,9 +220,9 @@ def run(
     """Generate similar-but-wrong variants with a teacher, keep the closest valid one per
     row, mark error-sensitive segments and write the Arrow dataset plus report.json."""
     _setup_logging()
-    from preprocess.io import InputError, load_rows, resolve_fields
-    from preprocess.run import BudgetStop, RunOptions, generate
-    from preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
+    from fgit_preprocess.run import BudgetStop, RunOptions, generate
+    from fgit_preprocess.sources import InputError, load_rows, resolve_fields
+    from fgit_preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactFilter())
@@ -174,12 +237,30 @@ def run(
         fields = resolve_fields(ds.column_names, prompt_field, correct_field, None, messages_field)
     except (InputError, ValueError, OSError) as err:
         _fail(str(err))
-    settings = TeacherSettings(teacher, num_variants, temperature, max_tokens, api_base,
-                               timeout, concurrency, max_retries, max_cost)
-    opts = RunOptions(settings, template,
-                      cache or output.with_name(output.name + ".teacher-cache.sqlite"),
-                      similarity, embedder, embed_batch_size, require_parse, diff_scope,
-                      seed, num_proc, {"input": input, "split": split})
+    settings = TeacherSettings(
+        model=teacher,
+        num_variants=num_variants,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        api_base=api_base,
+        timeout=timeout,
+        concurrency=concurrency,
+        max_retries=max_retries,
+        max_cost=max_cost,
+    )
+    opts = RunOptions(
+        teacher=settings,
+        template=template,
+        cache=cache or output.with_name(output.name + ".teacher-cache.sqlite"),
+        similarity=similarity,
+        embedder=embedder,
+        embed_batch_size=embed_batch_size,
+        require_parse=require_parse,
+        diff_scope=diff_scope,
+        seed=seed,
+        num_proc=num_proc,
+        extra_params={"input": input, "split": split},
+    )
     try:
         report = generate(ds, fields, output, opts)
     except TeacherFatal as err:
@@ -214,8 +295,9 @@ def _print_report(report: dict, output: Path) -> None:
 def inspect(
     input: Path = typer.Option(..., "--input", "-i", help="Output directory of masks/run."),
     html: Path = typer.Option(..., "--html", help="Where to write the HTML page."),
-    rows: Optional[str] = typer.Option(None, help="Comma-separated row indices to show "
-                                       "(default: a sample of --num rows)."),
+    rows: str | None = typer.Option(
+        None, help="Comma-separated row indices to show (default: a sample of --num rows)."
+    ),
     num: int = typer.Option(20, min=1, help="How many rows to sample when --rows is not given."),
     seed: int = typer.Option(0, help="Seed for the row sample."),
 ) -> None:
@@ -225,7 +307,7 @@ def inspect(
 
     import datasets
 
-    from preprocess.inspect import render, summary
+    from fgit_preprocess.inspection import render, summary
 
     if not (input / "state.json").exists():
         _fail(f"{input} is not a dataset written by fgit-preprocess (no state.json)")
@@ -242,9 +324,11 @@ def inspect(
         chosen = sorted(random.Random(seed).sample(range(len(ds)), min(num, len(ds))))
     stats = summary(ds, input)
     html.write_text(render(ds, chosen, stats, f"FGIT pairs: {input}"))
-    typer.echo(f"rows {stats['rows']}, rejected {stats['rejected']} "
-               f"{stats['rejects_by_reason']}, sensitive share {stats['sensitive_share']:.1%} "
-               f"of {stats['sensitive_unit']}; wrote {html}")
+    typer.echo(
+        f"rows {stats['rows']}, rejected {stats['rejected']} "
+        f"{stats['rejects_by_reason']}, sensitive share {stats['sensitive_share']:.1%} "
+        f"of {stats['sensitive_unit']}; wrote {html}"
+    )
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Error-sensitive segments between an incorrect response (pre-change) and a correct one.
 
-FGIT-SPEC §1. Everything here is pure and tokenizer-independent: results are half-open
+Everything here is pure and tokenizer-independent: results are half-open
 ``[start, end)`` character spans into the *full* response texts, so one preprocessed
-dataset serves any student model. Token vectors are derived later (``preprocess.masks``).
+dataset serves any student model. Token vectors are derived later
+(``axolotl_fgit.contract.project``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Literal
 
 import Levenshtein
 
-Span = tuple[int, int]
+from axolotl_fgit.contract import Span
+
 DiffScope = Literal["code", "response"]
 
 NO_DIFF = "no-diff"
@@ -27,7 +29,7 @@ _FENCE = re.compile(
     r"^(?P=indent)(?P=fence)[ \t]*$",
     re.MULTILINE | re.DOTALL,
 )
-_PYTHON_TAGS = {"python", "py", "python3", "py3"}
+PYTHON_TAGS = frozenset({"python", "py", "python3", "py3"})
 # The fast path cuts each changed line at its first line-comment marker, and gives up
 # on a changed line inside a block comment or docstring. A marker inside a string only
 # makes it give up more often (the slow, parsing path then decides), never wrongly.
@@ -163,12 +165,33 @@ def _python_ast(code: str) -> str | None:
         return None
 
 
+def may_be_python(language: str) -> bool:
+    """Whether a fence tag says Python, or says nothing (untagged code is tried as Python)."""
+    return not language or language in PYTHON_TAGS
+
+
 def _normalise(code: str, language: str) -> str:
     """Code with comments and all whitespace removed (a language-agnostic best effort)."""
-    if language not in _PYTHON_TAGS | {"sh", "bash", "shell", "ruby", "rb", "r", "perl"}:
+    if language not in PYTHON_TAGS | {"sh", "bash", "shell", "ruby", "rb", "r", "perl"}:
         code = _C_COMMENTS.sub("", code)
-    if language not in {"c", "cpp", "c++", "java", "javascript", "js", "ts", "typescript",
-                        "go", "rust", "rs", "kotlin", "swift", "csharp", "cs", "php"}:
+    if language not in {
+        "c",
+        "cpp",
+        "c++",
+        "java",
+        "javascript",
+        "js",
+        "ts",
+        "typescript",
+        "go",
+        "rust",
+        "rs",
+        "kotlin",
+        "swift",
+        "csharp",
+        "cs",
+        "php",
+    }:
         code = _HASH_COMMENTS.sub("", code)
     return _WHITESPACE.sub("", code)
 
@@ -192,7 +215,7 @@ def is_cosmetic(incorrect: str, correct: str, language: str = "") -> bool:
     indentation change which moves a statement counts as real. Other languages are
     compared with comments and whitespace stripped.
     """
-    if language in _PYTHON_TAGS or not language:
+    if may_be_python(language):
         a_tree, c_tree = _python_ast(incorrect), _python_ast(correct)
         if a_tree is not None and c_tree is not None:
             return a_tree == c_tree
@@ -200,7 +223,7 @@ def is_cosmetic(incorrect: str, correct: str, language: str = "") -> bool:
 
 
 def pair_spans(correct: str, incorrect: str, scope: DiffScope = "code") -> PairSpans:
-    """All four span sets of a pair over the full response texts (FGIT-SPEC §1).
+    """All four span sets of a pair over the full response texts.
 
     Rejects the pair (``reject`` set, spans empty) when the diffed views are identical
     (``no-diff``) or differ only cosmetically (``cosmetic-diff``).

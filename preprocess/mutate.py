@@ -17,18 +17,35 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from preprocess.diff import code_view, is_cosmetic
+from fgit_preprocess.diff import code_view, is_cosmetic, may_be_python
 
-COMPARE_SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==",
-                 "in": "not in", "not in": "in", "is": "is not", "is not": "is"}
+COMPARE_SWAPS = {
+    "<": "<=",
+    "<=": "<",
+    ">": ">=",
+    ">=": ">",
+    "==": "!=",
+    "!=": "==",
+    "in": "not in",
+    "not in": "in",
+    "is": "is not",
+    "is not": "is",
+}
 ARITH_SWAPS = {"+": "-", "-": "+", "*": "+", "/": "//", "//": "/", "%": "//", "**": "*"}
 BOOL_SWAPS = {"and": "or", "or": "and"}
 _COMPARE_RE = re.compile(r"<=|>=|==|!=|<|>|\bnot\s+in\b|\bis\s+not\b|\bin\b|\bis\b")
 _ARITH_RE = re.compile(r"\*\*|//|[-+*/%]")
 _BOOL_RE = re.compile(r"\band\b|\bor\b")
-_TOKEN_RE = re.compile(r"<=|>=|==|!=|&&|\|\||(?<![<>=!-])[<>](?![=<>])|(?<![+\-=])[+\-](?![+\-=>])|\b\d+\b")
-_TOKEN_SWAPS = {**{k: v for k, v in COMPARE_SWAPS.items() if not k.isalpha() and " " not in k},
-                "&&": "||", "||": "&&", "+": "-", "-": "+"}
+_TOKEN_RE = re.compile(
+    r"<=|>=|==|!=|&&|\|\||(?<![<>=!-])[<>](?![=<>])|(?<![+\-=])[+\-](?![+\-=>])|\b\d+\b"
+)
+_TOKEN_SWAPS = {
+    **{k: v for k, v in COMPARE_SWAPS.items() if not k.isalpha() and " " not in k},
+    "&&": "||",
+    "||": "&&",
+    "+": "-",
+    "-": "+",
+}
 
 
 @dataclass(frozen=True)
@@ -62,16 +79,21 @@ class _Sites:
     def text(self, node: ast.AST) -> str:
         return self.src[self.start(node) : self.end(node)].decode()
 
-    def op_between(self, left: ast.AST, right: ast.AST, pattern: re.Pattern,
-                   swaps: dict[str, str], kind: str) -> Iterator[Mutation]:
+    def op_between(
+        self, left: ast.AST, right: ast.AST, pattern: re.Pattern, swaps: dict[str, str], kind: str
+    ) -> Iterator[Mutation]:
         lo, hi = self.end(left), self.start(right)
         gap = self.src[lo:hi].decode()
         match = pattern.search(gap)
         if match:
             op = " ".join(match.group().split())
             if op in swaps:
-                yield Mutation(kind, lo + len(gap[: match.start()].encode()),
-                               lo + len(gap[: match.end()].encode()), swaps[op])
+                yield Mutation(
+                    kind,
+                    lo + len(gap[: match.start()].encode()),
+                    lo + len(gap[: match.end()].encode()),
+                    swaps[op],
+                )
 
 
 _SIMPLE = (ast.Name, ast.Attribute, ast.Call, ast.Subscript, ast.Constant)
@@ -84,8 +106,11 @@ def _plus_minus(sites: _Sites, node: ast.AST, kind: str) -> Iterator[Mutation]:
 
 
 def _is_guard(stmt: ast.stmt) -> bool:
-    return (isinstance(stmt, ast.If) and not stmt.orelse
-            and isinstance(stmt.body[-1], (ast.Return, ast.Raise, ast.Continue, ast.Break)))
+    return (
+        isinstance(stmt, ast.If)
+        and not stmt.orelse
+        and isinstance(stmt.body[-1], (ast.Return, ast.Raise, ast.Continue, ast.Break))
+    )
 
 
 def python_mutations(source: bytes, tree: ast.AST) -> list[Mutation]:
@@ -95,8 +120,12 @@ def python_mutations(source: bytes, tree: ast.AST) -> list[Mutation]:
     local_names: dict[ast.AST, set[str]] = {}
     for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
         local_names[fn] = {a.arg for a in fn.args.args} | {
-            t.id for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.AugAssign, ast.For))
-            for t in ast.walk(getattr(n, "target", None) or n.targets[0]) if isinstance(t, ast.Name)}
+            t.id
+            for n in ast.walk(fn)
+            if isinstance(n, (ast.Assign, ast.AugAssign, ast.For))
+            for t in ast.walk(getattr(n, "target", None) or n.targets[0])
+            if isinstance(t, ast.Name)
+        }
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare):
             for left, right in zip([node.left, *node.comparators], node.comparators):
@@ -108,28 +137,60 @@ def python_mutations(source: bytes, tree: ast.AST) -> list[Mutation]:
         elif isinstance(node, ast.BoolOp):
             for left, right in zip(node.values, node.values[1:]):
                 out += sites.op_between(left, right, _BOOL_RE, BOOL_SWAPS, "boolean")
-        elif isinstance(node, ast.Constant) and type(node.value) is int and sites.text(node).isdigit():
+        elif (
+            isinstance(node, ast.Constant)
+            and type(node.value) is int
+            and sites.text(node).isdigit()
+        ):
             for value in {node.value + 1, max(node.value - 1, 0)} - {node.value}:
                 out.append(Mutation("off-by-one", sites.start(node), sites.end(node), str(value)))
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range":
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "range"
+        ):
             stop = node.args[1] if len(node.args) >= 2 else (node.args[0] if node.args else None)
-            if stop is not None and not isinstance(stop, ast.Constant) and not (
-                    isinstance(stop, ast.BinOp) and isinstance(stop.right, ast.Constant)):
+            if (
+                stop is not None
+                and not isinstance(stop, ast.Constant)
+                and not (isinstance(stop, ast.BinOp) and isinstance(stop.right, ast.Constant))
+            ):
                 out += _plus_minus(sites, stop, "range-bound")
-        if isinstance(node, ast.Call) and len(node.args) >= 2 and not any(
-                isinstance(a, ast.Starred) for a in node.args[:2]):
+        if (
+            isinstance(node, ast.Call)
+            and len(node.args) >= 2
+            and not any(isinstance(a, ast.Starred) for a in node.args[:2])
+        ):
             a, b = node.args[:2]
             between = sites.src[sites.end(a) : sites.start(b)].decode()
-            out.append(Mutation("swapped-arguments", sites.start(a), sites.end(b),
-                                sites.text(b) + between + sites.text(a)))
+            out.append(
+                Mutation(
+                    "swapped-arguments",
+                    sites.start(a),
+                    sites.end(b),
+                    sites.text(b) + between + sites.text(a),
+                )
+            )
         if isinstance(node, (ast.If, ast.While)):
             test = node.test
             if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-                out.append(Mutation("negated-condition", sites.start(test), sites.end(test),
-                                    sites.text(test.operand)))
+                out.append(
+                    Mutation(
+                        "negated-condition",
+                        sites.start(test),
+                        sites.end(test),
+                        sites.text(test.operand),
+                    )
+                )
             else:
-                text = sites.text(test) if isinstance(test, (*_SIMPLE, ast.Compare)) else f"({sites.text(test)})"
-                out.append(Mutation("negated-condition", sites.start(test), sites.end(test), f"not {text}"))
+                text = (
+                    sites.text(test)
+                    if isinstance(test, (*_SIMPLE, ast.Compare))
+                    else f"({sites.text(test)})"
+                )
+                out.append(
+                    Mutation("negated-condition", sites.start(test), sites.end(test), f"not {text}")
+                )
         if isinstance(node, ast.Subscript):
             sl = node.slice
             if isinstance(sl, (ast.Name, ast.Attribute)):
@@ -139,23 +200,39 @@ def python_mutations(source: bytes, tree: ast.AST) -> list[Mutation]:
                     if isinstance(bound, (ast.Name, ast.Attribute)):
                         out += _plus_minus(sites, bound, "wrong-slice")
                 if sl.lower is not None and sl.upper is None:
-                    out.append(Mutation("wrong-slice", sites.end(sl.lower), sites.end(node) - 1,
-                                        ":-1"))
+                    out.append(
+                        Mutation("wrong-slice", sites.end(sl.lower), sites.end(node) - 1, ":-1")
+                    )
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             names = local_names.get(node, set())
-            for ret in (n for n in ast.walk(node) if isinstance(n, ast.Return) and n.value is not None):
+            for ret in (
+                n for n in ast.walk(node) if isinstance(n, ast.Return) and n.value is not None
+            ):
                 if isinstance(ret.value, ast.Name):
                     for other in sorted(names - {ret.value.id}):
-                        out.append(Mutation("wrong-return", sites.start(ret.value), sites.end(ret.value), other))
+                        out.append(
+                            Mutation(
+                                "wrong-return", sites.start(ret.value), sites.end(ret.value), other
+                            )
+                        )
                 elif isinstance(ret.value, ast.Constant) and isinstance(ret.value.value, bool):
-                    out.append(Mutation("wrong-return", sites.start(ret.value), sites.end(ret.value),
-                                        str(not ret.value.value)))
+                    out.append(
+                        Mutation(
+                            "wrong-return",
+                            sites.start(ret.value),
+                            sites.end(ret.value),
+                            str(not ret.value.value),
+                        )
+                    )
         for body in (getattr(node, "body", None), getattr(node, "orelse", None)):
             if not isinstance(body, list) or len(body) < 2:
                 continue
             for stmt in body:
-                droppable = isinstance(stmt, (ast.Assign, ast.AugAssign, ast.Continue, ast.Break)) or (
-                    isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)) or _is_guard(stmt)
+                droppable = (
+                    isinstance(stmt, (ast.Assign, ast.AugAssign, ast.Continue, ast.Break))
+                    or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call))
+                    or _is_guard(stmt)
+                )
                 first = sites.line_at[stmt.lineno - 1]
                 if droppable and not sites.src[first : sites.start(stmt)].strip():
                     last = sites.line_at[stmt.end_lineno]
@@ -172,8 +249,10 @@ def token_mutations(source: bytes) -> list[Mutation]:
         tok = m.group()
         start, end = len(text[: m.start()].encode()), len(text[: m.end()].encode())
         if tok.isdigit():
-            out += [Mutation("off-by-one", start, end, str(v))
-                    for v in {int(tok) + 1, max(int(tok) - 1, 0)} - {int(tok)}]
+            out += [
+                Mutation("off-by-one", start, end, str(v))
+                for v in {int(tok) + 1, max(int(tok) - 1, 0)} - {int(tok)}
+            ]
         elif tok in _TOKEN_SWAPS:
             out.append(Mutation("operator", start, end, _TOKEN_SWAPS[tok]))
     return out
@@ -186,7 +265,7 @@ def mutate_code(code: str, k: int, seed: int = 0, language: str = "") -> list[st
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
         tree = None
-    python = tree is not None and language in ("", "python", "py", "python3")
+    python = tree is not None and may_be_python(language)
     candidates = python_mutations(source, tree) if python else token_mutations(source)
     random.Random(f"{seed}:{code}").shuffle(candidates)
     out: list[str] = []
@@ -215,5 +294,7 @@ def mutate_response(response: str, k: int, seed: int = 0) -> list[str]:
     view = code_view(response)
     _, start, length = view.pieces[0]
     code = response[start : start + length]
-    return [response[:start] + v + response[start + length :]
-            for v in mutate_code(code, k, seed, view.language)]
+    return [
+        response[:start] + v + response[start + length :]
+        for v in mutate_code(code, k, seed, view.language)
+    ]

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preprocess.diff import DiffScope, pair_spans
-from preprocess.io import (
-    PARAMS_FILE,
+from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
+from axolotl_fgit.contract import PARAMS_FILE, params_record, project
+from fgit_preprocess.diff import DiffScope, pair_spans
+from fgit_preprocess.sources import (
     REPORT_FILE,
-    SPAN_COLUMNS,
     Fields,
     RowError,
     normalise_row,
@@ -29,7 +29,8 @@ from preprocess.io import (
 LOG = logging.getLogger("fgit.preprocess")
 REJECT = "fgit_reject"
 REJECT_DETAIL = "fgit_reject_detail"
-TOKEN_COLUMNS = ("correct_hybrid", "incorrect_hybrid")
+SPAN_COLUMNS = COLS.spans
+HYBRID_COLUMNS = ("correct_hybrid", "incorrect_hybrid")  # optional, for inspection only
 
 
 @dataclass
@@ -41,8 +42,6 @@ class MaskFn:
     tokenizer: Any = None
 
     def _hybrid(self, text: str, lines, edits) -> list[int]:
-        from preprocess.masks import project
-
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return project(enc["offset_mapping"], lines, edits).hybrid.tolist()
 
@@ -51,16 +50,28 @@ class MaskFn:
             out = normalise_row(row, self.fields)
         except RowError as err:
             return {REJECT: err.reason, REJECT_DETAIL: str(err)}
-        spans = pair_spans(out["correct"], out["incorrect"], self.scope)
-        out.update(dict(zip(SPAN_COLUMNS, (
-            spans.correct_line, spans.correct_edit, spans.incorrect_line, spans.incorrect_edit,
-        ))))
+        spans = pair_spans(out[COLS.correct], out[COLS.incorrect], self.scope)
+        out.update(
+            dict(
+                zip(
+                    SPAN_COLUMNS,
+                    (
+                        spans.correct_line,
+                        spans.correct_edit,
+                        spans.incorrect_line,
+                        spans.incorrect_edit,
+                    ),
+                )
+            )
+        )
         out[REJECT], out[REJECT_DETAIL] = spans.reject or "", spans.reject or ""
         if self.tokenizer is not None and not spans.reject:
-            out["correct_hybrid"] = self._hybrid(out["correct"], spans.correct_line,
-                                                 spans.correct_edit)
-            out["incorrect_hybrid"] = self._hybrid(out["incorrect"], spans.incorrect_line,
-                                                   spans.incorrect_edit)
+            out["correct_hybrid"] = self._hybrid(
+                out[COLS.correct], spans.correct_line, spans.correct_edit
+            )
+            out["incorrect_hybrid"] = self._hybrid(
+                out[COLS.incorrect], spans.incorrect_line, spans.incorrect_edit
+            )
         return out
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
@@ -70,12 +81,13 @@ class MaskFn:
         return {k: [r.get(k, _EMPTY.get(k)) for r in rows] for k in keys}
 
     def output_columns(self) -> list[str]:
-        prompt = ["messages"] if self.fields.messages else ["prompt"]
-        tokens = list(TOKEN_COLUMNS) if self.tokenizer is not None else []
-        return [*prompt, "correct", "incorrect", *SPAN_COLUMNS, *tokens, REJECT, REJECT_DETAIL]
+        c = COLS
+        prompt = [c.messages] if self.fields.messages else [c.prompt]
+        tokens = list(HYBRID_COLUMNS) if self.tokenizer is not None else []
+        return [*prompt, c.correct, c.incorrect, *SPAN_COLUMNS, *tokens, REJECT, REJECT_DETAIL]
 
 
-_EMPTY: dict[str, Any] = {c: [] for c in (*SPAN_COLUMNS, *TOKEN_COLUMNS)}
+_EMPTY: dict[str, Any] = {c: [] for c in (*SPAN_COLUMNS, *HYBRID_COLUMNS)}
 
 
 def compute_masks(ds, fn: MaskFn, num_proc: int = 1):
@@ -85,8 +97,17 @@ def compute_masks(ds, fn: MaskFn, num_proc: int = 1):
     with an output column is replaced, and that is logged.
     """
     outputs = fn.output_columns()
-    consumed = {c for c in (fn.fields.prompt, fn.fields.messages, fn.fields.correct,
-                            fn.fields.incorrect, fn.fields.input) if c}
+    consumed = {
+        c
+        for c in (
+            fn.fields.prompt,
+            fn.fields.messages,
+            fn.fields.correct,
+            fn.fields.incorrect,
+            fn.fields.input,
+        )
+        if c
+    }
     clash = sorted((set(ds.column_names) - consumed) & set(outputs))
     if clash:
         LOG.warning("input columns %s are replaced by FGIT's columns of the same name", clash)
@@ -101,8 +122,7 @@ def compute_masks(ds, fn: MaskFn, num_proc: int = 1):
     reasons = mapped[REJECT]
     kept = [i for i, r in enumerate(reasons) if not r]
     dropped = [i for i, r in enumerate(reasons) if r]
-    return (mapped.select(kept).remove_columns([REJECT, REJECT_DETAIL]),
-            mapped.select(dropped))
+    return (mapped.select(kept).remove_columns([REJECT, REJECT_DETAIL]), mapped.select(dropped))
 
 
 def write_rejects(path: Path, rejected, extra: list[dict[str, Any]] = ()) -> Counter:
@@ -112,19 +132,32 @@ def write_rejects(path: Path, rejected, extra: list[dict[str, Any]] = ()) -> Cou
         for row in [*extra, *rejected]:
             reason = row[REJECT]
             counts[reason] += 1
-            clean = {k: v for k, v in row.items() if k not in (REJECT, REJECT_DETAIL)
-                     and v not in (None, [])}
-            fh.write(json.dumps({"reason": reason, "detail": row.get(REJECT_DETAIL, ""),
-                                 **clean}, default=str) + "\n")
+            clean = {
+                k: v
+                for k, v in row.items()
+                if k not in (REJECT, REJECT_DETAIL) and v not in (None, [])
+            }
+            fh.write(
+                json.dumps(
+                    {"reason": reason, "detail": row.get(REJECT_DETAIL, ""), **clean}, default=str
+                )
+                + "\n"
+            )
     return counts
 
 
-def save(kept, rejected, output: Path, params: dict[str, Any],
-         report: dict[str, Any] | None = None, extra_rejects: list[dict] = ()) -> dict:
+def save(
+    kept,
+    rejected,
+    output: Path,
+    params: dict[str, Any],
+    report: dict[str, Any] | None = None,
+    extra_rejects: list[dict] = (),
+) -> dict:
     """Write the Arrow dataset, its parameters, the rejects file and ``report.json``."""
     output.mkdir(parents=True, exist_ok=True)
     kept.save_to_disk(str(output))
-    write_json(output / PARAMS_FILE, params)
+    write_json(output / PARAMS_FILE, params_record(**params))
     counts = write_rejects(rejects_path(output), rejected, extra_rejects)
     n_rejected = sum(counts.values())
     full = {

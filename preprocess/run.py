@@ -15,12 +15,27 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from preprocess.diff import DiffScope, code_view
-from preprocess.io import REPORT_FILE, Fields, RowError, normalise_row, rejects_path, write_json
-from preprocess.pipeline import REJECT, REJECT_DETAIL, MaskFn, compute_masks, save, write_rejects
-from preprocess.select import EmbeddingScorer, choose, levenshtein_scores
-from preprocess.cache import AnswerCache
-from preprocess.teacher import (
+from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
+from fgit_preprocess.cache import AnswerCache
+from fgit_preprocess.diff import DiffScope, code_view
+from fgit_preprocess.pipeline import (
+    REJECT,
+    REJECT_DETAIL,
+    MaskFn,
+    compute_masks,
+    save,
+    write_rejects,
+)
+from fgit_preprocess.selection import EmbeddingScorer, choose, levenshtein_scores
+from fgit_preprocess.sources import (
+    REPORT_FILE,
+    Fields,
+    RowError,
+    normalise_row,
+    rejects_path,
+    write_json,
+)
+from fgit_preprocess.teacher import (
     Outcome,
     Teacher,
     TeacherSettings,
@@ -28,10 +43,11 @@ from preprocess.teacher import (
     redact,
     supports_n,
 )
-from preprocess.variants import candidate
+from fgit_preprocess.variants import candidate
 
 MUTATE = "mutate"
 NO_VALID_VARIANT = "no-valid-variant"
+DUPLICATE = "duplicate"  # a valid variant equal to one already kept for the row
 
 
 class BudgetStop(RuntimeError):
@@ -42,7 +58,7 @@ class BudgetStop(RuntimeError):
         self.report = report
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunOptions:
     """Everything ``run`` needs besides the dataset (recorded in the output's params)."""
 
@@ -60,23 +76,33 @@ class RunOptions:
 
 
 def _problem(row: dict[str, Any]) -> str:
-    if "messages" in row:
-        return "\n\n".join(f"[{t['role']}]\n{t['content']}" for t in row["messages"])
-    return row["prompt"]
+    if COLS.messages in row:
+        return "\n\n".join(f"[{t['role']}]\n{t['content']}" for t in row[COLS.messages])
+    return row[COLS.prompt]
 
 
 def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dict[str, Any]]:
-    prompts = [[{"role": "user", "content": opts.template.format(problem=_problem(r),
-                                                                  solution=r["correct"])}]
-               for r in rows]
+    prompts = [
+        [
+            {
+                "role": "user",
+                "content": opts.template.format(problem=_problem(r), solution=r[COLS.correct]),
+            }
+        ]
+        for r in rows
+    ]
     use_n = supports_n(opts.teacher.model, opts.teacher.api_base)
     requests = build_requests(prompts, opts.teacher, use_n)
     bar = tqdm(total=len(requests), desc="Teacher", unit="req")
 
     def progress(out: Outcome) -> None:
         bar.n = out.calls + out.cached + out.failed
-        bar.set_postfix(cost=f"${out.cost_new + out.cost_cached:.4f}", cached=out.cached,
-                        retries=out.retries, refresh=True)
+        bar.set_postfix(
+            cost=f"${out.cost_new + out.cost_cached:.4f}",
+            cached=out.cached,
+            retries=out.retries,
+            refresh=True,
+        )
 
     cache = AnswerCache(opts.cache)
     try:
@@ -84,19 +110,26 @@ def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dic
     finally:
         cache.close()
         bar.close()
-    info = {"requests": len(requests), "uses_n": use_n, "calls": out.calls,
-            "cached": out.cached, "failed": out.failed, "retries": out.retries,
-            "cost_usd": round(out.cost_new + out.cost_cached, 6),
-            "cost_usd_this_run": round(out.cost_new, 6), "unsent": out.unsent}
+    info = {
+        "requests": len(requests),
+        "uses_n": use_n,
+        "calls": out.calls,
+        "cached": out.cached,
+        "failed": out.failed,
+        "retries": out.retries,
+        "cost_usd": round(out.cost_new + out.cost_cached, 6),
+        "cost_usd_this_run": round(out.cost_new, 6),
+        "unsent": out.unsent,
+    }
     return out, info
 
 
 def _ask_mutate(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dict[str, Any]]:
-    from preprocess.mutate import mutate_response
+    from fgit_preprocess.mutate import mutate_response
 
     out = Outcome()
     for i, row in enumerate(tqdm(rows, desc="Mutating", unit="row")):
-        out.texts[i] = mutate_response(row["correct"], opts.teacher.num_variants, opts.seed)
+        out.texts[i] = mutate_response(row[COLS.correct], opts.teacher.num_variants, opts.seed)
     return out, {"requests": 0, "cost_usd": 0.0}
 
 
@@ -119,20 +152,25 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
         report = {"status": "budget-reached", "teacher": teacher_info}
         output.mkdir(parents=True, exist_ok=True)
         write_json(output / REPORT_FILE, report)
-        raise BudgetStop(f"--max-cost {opts.teacher.max_cost} reached after "
-                         f"${teacher_info['cost_usd']:.4f}; {teacher_info['unsent']} requests "
-                         "not sent. Every answer so far is cached: rerun the same command with "
-                         "a higher --max-cost to resume.", report)
+        raise BudgetStop(
+            f"--max-cost {opts.teacher.max_cost} reached after "
+            f"${teacher_info['cost_usd']:.4f}; {teacher_info['unsent']} requests "
+            "not sent. Every answer so far is cached: rerun the same command with "
+            "a higher --max-cost to resume.",
+            report,
+        )
 
     variant_reasons: Counter = Counter()
     kept_rows, candidates = [], []
     for i, row in enumerate(rows):
         found, reasons = [], Counter()
         for answer in outcome.texts.get(i, []):
-            cand = candidate(row["correct"], answer, opts.require_parse)
+            cand = candidate(row[COLS.correct], answer, opts.require_parse)
             if cand.reason:
                 reasons[cand.reason] += 1
-            elif cand.response not in (c.response for c in found):
+            elif cand.response in (c.response for c in found):
+                reasons[DUPLICATE] += 1
+            else:
                 found.append(cand)
         variant_reasons.update(reasons)
         if found:
@@ -142,14 +180,16 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
         detail = f"variant rejects {dict(reasons)}" if reasons else "teacher gave no answer"
         if i in outcome.errors:
             detail += f"; teacher error: {outcome.errors[i]}"
-        rejects.append({**originals[i], **row, REJECT: NO_VALID_VARIANT,
-                        REJECT_DETAIL: redact(detail)})
+        rejects.append(
+            {**originals[i], **row, REJECT: NO_VALID_VARIANT, REJECT_DETAIL: redact(detail)}
+        )
     if not kept_rows:
         write_rejects(rejects_path(output), [], rejects)
-        raise RuntimeError(f"no row has a valid variant ({dict(variant_reasons)}); see "
-                           f"{rejects_path(output)}")
+        raise RuntimeError(
+            f"no row has a valid variant ({dict(variant_reasons)}); see {rejects_path(output)}"
+        )
 
-    correct_code = [code_view(rows[i]["correct"]).text for i in kept_rows]
+    correct_code = [code_view(rows[i][COLS.correct]).text for i in kept_rows]
     cand_code = [[c.code for c in found] for found in candidates]
     if opts.similarity == "levenshtein":
         scores = levenshtein_scores(correct_code, cand_code)
@@ -158,25 +198,48 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
     paired = []
     for i, found, pick in zip(kept_rows, candidates, choose(scores)):
         best, score = pick
-        paired.append({**originals[i], **rows[i], "incorrect": found[best].response,
-                       "similarity": score, "num_valid_variants": len(found)})
+        paired.append(
+            {
+                **originals[i],
+                **rows[i],
+                COLS.incorrect: found[best].response,
+                "similarity": score,
+                "num_valid_variants": len(found),
+            }
+        )
 
     import datasets
 
-    pair_fields = Fields(None if fields.messages else "prompt",
-                         "messages" if fields.messages else None, "correct", "incorrect")
-    kept, rejected = compute_masks(datasets.Dataset.from_list(paired),
-                                   MaskFn(pair_fields, opts.diff_scope), opts.num_proc)
-    params = {"command": "run", "teacher": asdict(opts.teacher), "template": opts.template,
-              "similarity": opts.similarity,
-              "embedder": opts.embedder if opts.similarity == "embedding" else None,
-              "require_parse": opts.require_parse, "diff_scope": opts.diff_scope,
-              "seed": opts.seed, "fields": asdict(fields), **opts.extra_params}
+    pair_fields = Fields(
+        None if fields.messages else COLS.prompt,
+        COLS.messages if fields.messages else None,
+        COLS.correct,
+        COLS.incorrect,
+    )
+    kept, rejected = compute_masks(
+        datasets.Dataset.from_list(paired), MaskFn(pair_fields, opts.diff_scope), opts.num_proc
+    )
+    params = {
+        "command": "run",
+        "teacher": asdict(opts.teacher),
+        "template": opts.template,
+        "similarity": opts.similarity,
+        "embedder": opts.embedder if opts.similarity == "embedding" else None,
+        "require_parse": opts.require_parse,
+        "diff_scope": opts.diff_scope,
+        "seed": opts.seed,
+        "fields": asdict(fields),
+        **opts.extra_params,
+    }
     params = _scrub(params)
-    report = {"status": "complete", "teacher": teacher_info,
-              "variant_rejects_by_reason": dict(sorted(variant_reasons.items())),
-              "similarity_mean": (sum(p["similarity"] for p in paired) / len(paired)),
-              "valid_variants_mean": (sum(p["num_valid_variants"] for p in paired) / len(paired))}
+    report = {
+        "status": "complete",
+        "teacher": teacher_info,
+        "variant_rejects_by_reason": dict(sorted(variant_reasons.items())),
+        "similarity_mean": (sum(p["similarity"] for p in paired) / len(paired)),
+        "valid_variants": sum(p["num_valid_variants"] for p in paired),
+        "valid_variants_mean": (sum(p["num_valid_variants"] for p in paired) / len(paired)),
+    }
     return save(kept, rejected, output, params, report, rejects)
 
 

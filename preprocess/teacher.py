@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.cache import AnswerCache, request_key
+from fgit_preprocess.cache import AnswerCache, request_key
 
 LOG = logging.getLogger("fgit.teacher")
 
@@ -56,12 +56,16 @@ def load_template(path: Path | None) -> str:
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
     except ValueError as err:
-        raise ValueError(f"--prompt-template {path}: {err} (write literal braces as {{{{ }}}})") from err
+        raise ValueError(
+            f"--prompt-template {path}: {err} (write literal braces as {{{{ }}}})"
+        ) from err
     missing, unknown = PLACEHOLDERS - names, names - PLACEHOLDERS
     if missing or unknown:
-        raise ValueError(f"--prompt-template {path}: missing placeholders "
-                         f"{sorted(missing)}, unknown {sorted(unknown)}; the template "
-                         "must use {problem} and {solution}")
+        raise ValueError(
+            f"--prompt-template {path}: missing placeholders "
+            f"{sorted(missing)}, unknown {sorted(unknown)}; the template "
+            "must use {problem} and {solution}"
+        )
     return text
 
 
@@ -85,7 +89,7 @@ class RedactFilter(logging.Filter):
         return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TeacherSettings:
     """How to call the teacher; everything here except ``api_base`` enters cache keys."""
 
@@ -143,31 +147,44 @@ def supports_n(model: str, api_base: str | None = None) -> bool:
     try:
         name, provider, _, _ = litellm.get_llm_provider(model, api_base=api_base)
     except Exception as err:  # litellm raises its own BadRequestError here
-        raise TeacherFatal(f"--teacher {model!r} is not a model litellm knows how to "
-                           f"call: {err}. Use provider/model, e.g. openai/gpt-4o-mini, "
-                           "anthropic/claude-3-5-haiku-latest, hosted_vllm/NAME, ollama/NAME") from err
+        raise TeacherFatal(
+            f"--teacher {model!r} is not a model litellm knows how to "
+            f"call: {err}. Use provider/model, e.g. openai/gpt-4o-mini, "
+            "anthropic/claude-3-5-haiku-latest, hosted_vllm/NAME, ollama/NAME"
+        ) from err
     params = litellm.get_supported_openai_params(model=name, custom_llm_provider=provider) or []
     return "n" in params
 
 
-def build_requests(prompts: Sequence[list[dict[str, str]]], settings: TeacherSettings,
-                   use_n: bool) -> list[Request]:
+def build_requests(
+    prompts: Sequence[list[dict[str, str]]], settings: TeacherSettings, use_n: bool
+) -> list[Request]:
     """One request per row with ``n = K``, or K single-answer requests per row."""
     per_call = settings.num_variants if use_n else 1
     slots = 1 if use_n else settings.num_variants
     out = []
     for row, messages in enumerate(prompts):
         for slot in range(slots):
-            key = request_key({"model": settings.model, "messages": messages, "n": per_call,
-                               "slot": slot, "temperature": settings.temperature,
-                               "max_tokens": settings.max_tokens})
+            key = request_key(
+                {
+                    "model": settings.model,
+                    "messages": messages,
+                    "n": per_call,
+                    "slot": slot,
+                    "temperature": settings.temperature,
+                    "max_tokens": settings.max_tokens,
+                }
+            )
             out.append(Request(row, messages, per_call, slot, key))
     return out
 
 
 def _retry_after(err: Exception) -> float | None:
-    headers = getattr(err, "litellm_response_headers", None) or getattr(
-        getattr(err, "response", None), "headers", None) or {}
+    headers = (
+        getattr(err, "litellm_response_headers", None)
+        or getattr(getattr(err, "response", None), "headers", None)
+        or {}
+    )
     try:
         value = headers.get("retry-after")
         return float(value) if value is not None else None
@@ -183,13 +200,26 @@ def classify(err: Exception) -> str:
         err, (litellm.AuthenticationError, litellm.PermissionDeniedError, litellm.NotFoundError)
     ):
         return "fatal"
-    if isinstance(err, (litellm.Timeout, litellm.APIConnectionError, litellm.RateLimitError,
-                        litellm.InternalServerError, litellm.ServiceUnavailableError,
-                        litellm.BadGatewayError)) or status in (408, 409, 429) or (
-        isinstance(status, int) and status >= 500
+    if (
+        isinstance(
+            err,
+            (
+                litellm.Timeout,
+                litellm.APIConnectionError,
+                litellm.RateLimitError,
+                litellm.InternalServerError,
+                litellm.ServiceUnavailableError,
+                litellm.BadGatewayError,
+            ),
+        )
+        or status in (408, 409, 429)
+        or (isinstance(status, int) and status >= 500)
     ):
         return "retry"
-    if isinstance(err, (litellm.APIError, asyncio.TimeoutError, ConnectionError)) and status is None:
+    if (
+        isinstance(err, (litellm.APIError, asyncio.TimeoutError, ConnectionError))
+        and status is None
+    ):
         return "retry"
     return "reject"
 
@@ -197,8 +227,12 @@ def classify(err: Exception) -> str:
 class Teacher:
     """Runs requests against litellm with cache, retries, budget and live cost."""
 
-    def __init__(self, settings: TeacherSettings, cache: AnswerCache,
-                 on_progress: Callable[[Outcome], None] | None = None):
+    def __init__(
+        self,
+        settings: TeacherSettings,
+        cache: AnswerCache,
+        on_progress: Callable[[Outcome], None] | None = None,
+    ):
         self.s = settings
         self.cache = cache
         self.on_progress = on_progress or (lambda _o: None)
@@ -215,8 +249,13 @@ class Teacher:
 
     async def _call(self, req: Request, out: Outcome) -> tuple[list[str], float]:
         kwargs: dict[str, Any] = dict(
-            model=self.s.model, messages=req.messages, temperature=self.s.temperature,
-            max_tokens=self.s.max_tokens, timeout=self.s.timeout, num_retries=0, max_retries=0,
+            model=self.s.model,
+            messages=req.messages,
+            temperature=self.s.temperature,
+            max_tokens=self.s.max_tokens,
+            timeout=self.s.timeout,
+            num_retries=0,
+            max_retries=0,
         )
         if req.n > 1:
             kwargs["n"] = req.n
@@ -224,8 +263,9 @@ class Teacher:
             kwargs["api_base"] = self.s.api_base
         for attempt in range(self.s.max_retries + 1):
             try:
-                response = await asyncio.wait_for(self.litellm.acompletion(**kwargs),
-                                                  self.s.timeout + 5)
+                response = await asyncio.wait_for(
+                    self.litellm.acompletion(**kwargs), self.s.timeout + 5
+                )
                 texts = [c.message.content or "" for c in response.choices]
                 return texts, self._cost(response)
             except Exception as err:  # classified below; nothing is swallowed
@@ -246,7 +286,10 @@ class Teacher:
         while True:
             req = await queue.get()
             try:
-                if self.s.max_cost is not None and out.cost_new + out.cost_cached >= self.s.max_cost:
+                if (
+                    self.s.max_cost is not None
+                    and out.cost_new + out.cost_cached >= self.s.max_cost
+                ):
                     out.unsent += 1  # budget spent: leave the rest for a resumed run
                     continue
                 try:
@@ -280,8 +323,10 @@ class Teacher:
                 queue.put_nowait(req)
                 pending += 1
         self.on_progress(out)
-        workers = [asyncio.create_task(self._worker(queue, out))
-                   for _ in range(min(self.s.concurrency, max(pending, 1)))]
+        workers = [
+            asyncio.create_task(self._worker(queue, out))
+            for _ in range(min(self.s.concurrency, max(pending, 1)))
+        ]
         joined = asyncio.create_task(queue.join())
         try:
             done, _ = await asyncio.wait([joined, *workers], return_when=asyncio.FIRST_COMPLETED)

@@ -11,7 +11,7 @@ import ast
 import re
 from dataclasses import dataclass
 
-from preprocess.diff import code_view, is_cosmetic
+from fgit_preprocess.diff import code_view, is_cosmetic, may_be_python
 
 NO_CODE = "no-code-block"
 REFUSAL = "refusal"
@@ -20,8 +20,11 @@ IDENTICAL = "identical"
 COSMETIC = "cosmetic-diff"
 UNPARSABLE = "unparsable"
 
-_REFUSAL = re.compile(r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|I will not|as an AI|"
-                      r"cannot (?:help|assist|comply))\b", re.IGNORECASE)
+_REFUSAL = re.compile(
+    r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|I will not|as an AI|"
+    r"cannot (?:help|assist|comply))\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,12 @@ def candidate(correct: str, answer: str, require_parse: bool = False) -> Candida
     if variant_code == correct_view.text:
         return Candidate(reason=IDENTICAL)
     language = correct_view.language or answer_view.language
-    if require_parse and language in ("", "python", "py", "python3") and _parses(
-            correct_view.text) and not _parses(variant_code):
+    if (
+        require_parse
+        and may_be_python(language)
+        and _parses(correct_view.text)
+        and not _parses(variant_code)
+    ):
         return Candidate(reason=UNPARSABLE)
     if is_cosmetic(correct_view.text, variant_code, language):
         return Candidate(reason=COSMETIC)

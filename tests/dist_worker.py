@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from axolotl_fgit.args import FGITColumns, FGITConfig
+from axolotl_fgit.args import FGITConfig
 from axolotl_fgit.collator import FGITPackedDataCollator
+from axolotl_fgit.contract import Columns
 from axolotl_fgit.strategy import FGITPromptStrategy
 from axolotl_fgit.trainer import batch_loss
 
@@ -28,7 +29,7 @@ PARAMS = ("model.embed_tokens.weight", "model.layers.2.mlp.down_proj.weight", "m
 def global_batch(model_dir: str, data: str, n: int):
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.pad_token or tok.eos_token
-    strategy = FGITPromptStrategy(tok, FGITColumns(), sequence_len=2048)
+    strategy = FGITPromptStrategy(tok, Columns(), sequence_len=2048)
     rows = datasets.load_from_disk(data).select(range(n))
     return tok, [strategy.tokenize_prompt(dict(r)) for r in rows]
 
@@ -78,13 +79,19 @@ def main() -> None:
     tok, feats = global_batch(args.model, args.data, args.samples)
     mine = feats[rank::world]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.float32, attn_implementation="sdpa"
+    )
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(1)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            ),
+        )
     model.train()
     calls = []
     model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1) and None)
@@ -110,8 +117,13 @@ def main() -> None:
         dist.all_reduce(n_items)
         layer_cls = {type(decoder_layers(model)[0])}
         wrapped = FullyShardedDataParallel(
-            model, auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls),
-            device_id=torch.device("cpu"), use_orig_params=True)
+            model,
+            auto_wrap_policy=functools.partial(
+                transformer_auto_wrap_policy, transformer_layer_cls=layer_cls
+            ),
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+        )
     else:
         wrapped = model
     loss = step(wrapped, tok, mine, cfg, n_items, world)

@@ -28,25 +28,35 @@ class Reply:
     delay: float = 0.0
 
 
-def completion(texts: list[str], model: str = "gpt-4o-mini", prompt_tokens: int = 100,
-               completion_tokens: int = 50) -> dict:
+def completion(
+    texts: list[str],
+    model: str = "gpt-4o-mini",
+    prompt_tokens: int = 100,
+    completion_tokens: int = 50,
+) -> dict:
     """An OpenAI chat-completion body with one choice per text."""
     return {
         "id": "chatcmpl-loopback",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": i, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [
+            {"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": t}}
+            for i, t in enumerate(texts)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
 def error(status: int, message: str, kind: str = "api_error", **headers: str) -> Reply:
     """An OpenAI-style error reply."""
-    return Reply(status, {"error": {"message": message, "type": kind, "code": str(status)}},
-                 headers)
+    return Reply(
+        status, {"error": {"message": message, "type": kind, "code": str(status)}}, headers
+    )
 
 
 Responder = Callable[[dict, int], Reply]
@@ -86,8 +96,12 @@ class LoopbackServer:
             await asyncio.sleep(reply.delay)
         if isinstance(reply.body, (bytes, str)):
             raw = reply.body.encode() if isinstance(reply.body, str) else reply.body
-            resp = web.Response(status=reply.status, body=raw, headers=reply.headers,
-                                content_type="application/json")
+            resp = web.Response(
+                status=reply.status,
+                body=raw,
+                headers=reply.headers,
+                content_type="application/json",
+            )
         else:
             resp = web.json_response(reply.body, status=reply.status, headers=reply.headers)
         if reply.status == 200:
@@ -105,7 +119,7 @@ class LoopbackServer:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
 
-    def __enter__(self) -> "LoopbackServer":
+    def __enter__(self) -> LoopbackServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
         return self

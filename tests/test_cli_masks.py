@@ -8,23 +8,38 @@ import sys
 
 import datasets
 
-from conftest import SAMPLE_PAIRS, run_cli
-from preprocess.io import SPAN_COLUMNS, rejects_path
+from axolotl_fgit.contract import DEFAULT_COLUMNS
+from conftest import SAMPLE_PAIRS, TOKENIZER_DIR, run_cli
+from fgit_preprocess.sources import rejects_path
 
-CLI = [sys.executable, "-m", "preprocess"]
+SPAN_COLUMNS = DEFAULT_COLUMNS.spans
+
+CLI = [sys.executable, "-m", "fgit_preprocess"]
 
 
 def test_help_is_fast_and_lists_commands():
     proc = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "masks" in proc.stdout and "inspect" in proc.stdout
-    code = "import sys, preprocess.cli; sys.exit(any(m in sys.modules for m in ('torch', 'datasets', 'transformers', 'litellm')))"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "cli imports heavy libraries eagerly"
+    heavy = "('torch', 'datasets', 'transformers', 'litellm')"
+    code = f"import sys, fgit_preprocess.cli; sys.exit(any(m in sys.modules for m in {heavy}))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, (
+        "cli imports heavy libraries eagerly"
+    )
 
 
-def test_masks_on_jsonl_writes_arrow_report_and_rejects(tmp_path, smollm2_dir):
+def test_masks_on_jsonl_writes_arrow_report_and_rejects(tmp_path):
     out = tmp_path / "pairs"
-    run_cli("masks", "--input", SAMPLE_PAIRS, "--output", out, "--tokenizer", smollm2_dir,
-            "--num-proc", "2")
+    run_cli(
+        "masks",
+        "--input",
+        SAMPLE_PAIRS,
+        "--output",
+        out,
+        "--tokenizer",
+        TOKENIZER_DIR,
+        "--num-proc",
+        "2",
+    )
     ds = datasets.load_from_disk(str(out))
     n_in = sum(1 for _ in SAMPLE_PAIRS.open())
     report = json.loads((out / "report.json").read_text())
@@ -34,8 +49,15 @@ def test_masks_on_jsonl_writes_arrow_report_and_rejects(tmp_path, smollm2_dir):
     assert sorted(r["reason"] for r in rejects) == ["cosmetic-diff", "no-diff"]
     assert all(r["correct"] and r["incorrect"] for r in rejects)  # the row itself is kept
     params = json.loads((out / "fgit_params.json").read_text())
-    assert params["diff_scope"] == "code" and params["tokenizer"] == str(smollm2_dir)
-    for col in ("prompt", "correct", "incorrect", *SPAN_COLUMNS, "correct_hybrid", "incorrect_hybrid"):
+    assert params["diff_scope"] == "code" and params["tokenizer"] == str(TOKENIZER_DIR)
+    for col in (
+        "prompt",
+        "correct",
+        "incorrect",
+        *SPAN_COLUMNS,
+        "correct_hybrid",
+        "incorrect_hybrid",
+    ):
         assert col in ds.column_names
     for row in ds:
         for side in ("correct", "incorrect"):
@@ -47,13 +69,20 @@ def test_masks_on_jsonl_writes_arrow_report_and_rejects(tmp_path, smollm2_dir):
 
 def test_arrow_round_trip_and_chat_rows(tmp_path):
     rows = [json.loads(line) for line in SAMPLE_PAIRS.open()][:4]
-    chat = datasets.Dataset.from_list([
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": r["instruction"]},
-                      {"role": "assistant", "content": r["correct"]}],
-         "rejected": r["incorrect"], "source": f"row{i}"}
-        for i, r in enumerate(rows)
-    ])
+    chat = datasets.Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": r["instruction"]},
+                    {"role": "assistant", "content": r["correct"]},
+                ],
+                "rejected": r["incorrect"],
+                "source": f"row{i}",
+            }
+            for i, r in enumerate(rows)
+        ]
+    )
     src = tmp_path / "chat_arrow"
     chat.save_to_disk(str(src))
     out = tmp_path / "out"
@@ -71,15 +100,32 @@ def test_arrow_round_trip_and_chat_rows(tmp_path):
 
 def test_parquet_input_and_custom_fields(tmp_path):
     rows = [json.loads(line) for line in SAMPLE_PAIRS.open()]
-    data = datasets.Dataset.from_list([{"q": r["instruction"], "good": r["correct"], "bad": r["incorrect"]} for r in rows])
+    data = datasets.Dataset.from_list(
+        [{"q": r["instruction"], "good": r["correct"], "bad": r["incorrect"]} for r in rows]
+    )
     path = tmp_path / "in.parquet"
     data.to_parquet(str(path))
     out = tmp_path / "out"
-    run_cli("masks", "-i", path, "-o", out, "--prompt-field", "q", "--correct-field", "good",
-            "--incorrect-field", "bad", "--diff-scope", "response")
+    run_cli(
+        "masks",
+        "-i",
+        path,
+        "-o",
+        out,
+        "--prompt-field",
+        "q",
+        "--correct-field",
+        "good",
+        "--incorrect-field",
+        "bad",
+        "--diff-scope",
+        "response",
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["rows_in"] == len(rows)
-    assert report["rejects_by_reason"] == {"cosmetic-diff": 1}  # prose change is real in response scope
+    assert report["rejects_by_reason"] == {
+        "cosmetic-diff": 1
+    }  # prose change is real in response scope
 
 
 def test_missing_field_names_it_and_lists_columns(tmp_path):
@@ -125,6 +171,6 @@ def test_inspect_renders_highlighted_pairs(tmp_path):
     page = tmp_path / "page.html"
     proc = run_cli("inspect", "-i", out, "--html", page, "--rows", "0,1")
     html = page.read_text()
-    assert html.count("<h2>Row") == 2 and "class=\"edit\"" in html and "class=\"line\"" in html
+    assert html.count("<h2>Row") == 2 and 'class="edit"' in html and 'class="line"' in html
     assert "no-diff" in html and "cosmetic-diff" in html and "rows 12" in proc.stdout
     assert run_cli("inspect", "-i", out, "--html", page, "--rows", "99", ok=False).returncode == 2

@@ -22,19 +22,30 @@ def fresh_plugins():
 
 @pytest.fixture
 def pairs(tmp_path):
-    row = {"prompt": "p", "correct": "x = 1\n", "incorrect": "x = 2\n", "correct_line_spans": [[0, 6]],
-           "correct_edit_spans": [[4, 5]], "incorrect_line_spans": [[0, 6]], "incorrect_edit_spans": [[4, 5]]}
+    row = {
+        "prompt": "p",
+        "correct": "x = 1\n",
+        "incorrect": "x = 2\n",
+        "correct_line_spans": [[0, 6]],
+        "correct_edit_spans": [[4, 5]],
+        "incorrect_line_spans": [[0, 6]],
+        "incorrect_edit_spans": [[4, 5]],
+    }
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(row) + "\n")
     return path
 
 
-def load(tmp_path, smollm2_dir, pairs, **changes):
+def load(tmp_path, tiny_dir, pairs, **changes):
     from axolotl.cli.config import load_cfg
 
     cfg = yaml.safe_load((ROOT / "examples" / "yaml" / "smollm2-135m-cpu.yml").read_text())
-    cfg.update(base_model=str(smollm2_dir), datasets=[{"path": str(pairs), "type": "axolotl_fgit.strategy"}],
-               dataset_prepared_path=str(tmp_path / "prep"), output_dir=str(tmp_path / "out"))
+    cfg.update(
+        base_model=str(tiny_dir),
+        datasets=[{"path": str(pairs), "type": "axolotl_fgit.strategy"}],
+        dataset_prepared_path=str(tmp_path / "prep"),
+        output_dir=str(tmp_path / "out"),
+    )
     for key, value in changes.items():
         if key == "fgit":
             cfg["fgit"] = {**cfg["fgit"], **value}
@@ -45,47 +56,60 @@ def load(tmp_path, smollm2_dir, pairs, **changes):
     return load_cfg(str(path))
 
 
-def test_valid_config_loads_with_defaults(tmp_path, smollm2_dir, pairs):
-    cfg = load(tmp_path, smollm2_dir, pairs, fgit={"weighting": "static"})
+def test_valid_config_loads_with_defaults(tmp_path, tiny_dir, pairs):
+    cfg = load(tmp_path, tiny_dir, pairs, fgit={"weighting": "static"})
     assert cfg.fgit["alpha"] == 2.0 and cfg.fgit["weighting"] == "static"
     assert cfg.fgit["granularity"] == "hybrid" and cfg.fgit["detach_weights"] is False
 
 
-@pytest.mark.parametrize("changes,expect", [
-    ({"fgit": {"alpha": 0.5}}, "fgit.alpha must be >= 1"),
-    ({"fgit": {"weighting": "bogus"}}, "dynamic"),
-    ({"fgit": {"granularity": "word"}}, "hybrid"),
-    ({"fgit": {"alphaa": 2}}, "alphaa"),
-    ({"context_parallel_size": 2}, "context_parallel_size: 1"),
-    ({"plugins": ["axolotl_fgit.FGITPlugin", "axolotl.integrations.kd.KDPlugin"]}, "also claim the trainer"),
-    ({"rl": "dpo"}, "remove rl"),
-    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "use ZeRO-2 or FSDP"),
-])
-def test_bad_configs_are_rejected_with_the_fix(tmp_path, smollm2_dir, pairs, changes, expect):
-    with pytest.raises(Exception) as err:
-        load(tmp_path, smollm2_dir, pairs, **changes)
+@pytest.mark.parametrize(
+    "changes,expect",
+    [
+        ({"fgit": {"alpha": 0.5}}, "fgit.alpha must be >= 1"),
+        ({"fgit": {"weighting": "bogus"}}, "dynamic"),
+        ({"fgit": {"granularity": "word"}}, "hybrid"),
+        ({"fgit": {"alphaa": 2}}, "alphaa"),
+        ({"context_parallel_size": 2}, "context_parallel_size: 1"),
+        (
+            {"plugins": ["axolotl_fgit.FGITPlugin", "axolotl.integrations.kd.KDPlugin"]},
+            "also claim the trainer",
+        ),
+        ({"rl": "dpo"}, "remove rl"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "use ZeRO-2 or FSDP"),
+    ],
+)
+def test_bad_configs_are_rejected_with_the_fix(tmp_path, tiny_dir, pairs, changes, expect):
+    with pytest.raises(ValueError) as err:
+        load(tmp_path, tiny_dir, pairs, **changes)
     assert expect in str(err.value), str(err.value)[-2000:]
 
 
-def test_dataset_without_span_columns_is_rejected(tmp_path, smollm2_dir):
+def test_dataset_without_span_columns_is_rejected(tmp_path, tiny_dir):
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
-    with pytest.raises(Exception) as err:
-        load(tmp_path, smollm2_dir, path)
+    with pytest.raises(ValueError) as err:
+        load(tmp_path, tiny_dir, path)
     message = str(err.value)
     assert "lacks FGIT columns" in message and "correct_line_spans" in message
     assert "fgit-preprocess" in message
 
 
-def test_other_dataset_types_are_rejected(tmp_path, smollm2_dir, pairs):
-    with pytest.raises(Exception) as err:
-        load(tmp_path, smollm2_dir, pairs, datasets=[{"path": str(pairs), "type": "alpaca"}])
+def test_other_dataset_types_are_rejected(tmp_path, tiny_dir, pairs):
+    with pytest.raises(ValueError) as err:
+        load(tmp_path, tiny_dir, pairs, datasets=[{"path": str(pairs), "type": "alpaca"}])
     assert "type: axolotl_fgit.strategy" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-coder-7b-lora.yml", "deepseek-coder-6.7b-full.yml",
-                                  "smollm2-135m-cpu.yml", "deepseek-coder-6.7b-fsdp2-full.yml",
-                                  "qwen2.5-coder-7b-fsdp2-lora.yml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qwen2.5-coder-7b-lora.yml",
+        "deepseek-coder-6.7b-full.yml",
+        "smollm2-135m-cpu.yml",
+        "deepseek-coder-6.7b-fsdp2-full.yml",
+        "qwen2.5-coder-7b-fsdp2-lora.yml",
+    ],
+)
 def test_example_configs_have_valid_fgit_blocks(name):
     from axolotl_fgit.args import FGITArgs
 

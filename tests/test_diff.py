@@ -1,4 +1,4 @@
-"""Segment identification (FGIT-SPEC §1): unit tests and hypothesis properties."""
+"""Segment identification: unit tests and hypothesis properties."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import Levenshtein
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preprocess.diff import (
+from fgit_preprocess.diff import (
     COSMETIC_DIFF,
     NO_DIFF,
     code_view,
@@ -89,8 +89,12 @@ def test_docstring_interior_change_is_cosmetic_but_code_change_is_not():
 
 
 def test_fenced_code_offsets_map_back_to_the_full_response():
-    correct = "Intro text.\n\n```python\ndef f():\n    return 1\n```\n\nAnd a second:\n```\nx = 2\n```\n"
-    incorrect = "Other intro.\n```python\ndef f():\n    return 0\n```\nAnd a second:\n```\nx = 3\n```\n"
+    correct = (
+        "Intro text.\n\n```python\ndef f():\n    return 1\n```\n\nAnd a second:\n```\nx = 2\n```\n"
+    )
+    incorrect = (
+        "Other intro.\n```python\ndef f():\n    return 0\n```\nAnd a second:\n```\nx = 3\n```\n"
+    )
     spans = pair_spans(correct, incorrect)
     assert [correct[s:e] for s, e in spans.correct_edit] == ["1", "2"]
     assert [incorrect[s:e] for s, e in spans.incorrect_edit] == ["0", "3"]
@@ -127,8 +131,10 @@ def test_every_char_outside_edit_spans_is_matched(a, c):
 @given(CODE_CHARS, CODE_CHARS)
 def test_spans_stay_inside_text_and_lines_are_whole(a, c):
     spans = pair_spans(c, a, "response")
-    for text, group in ((c, (spans.correct_line, spans.correct_edit)),
-                        (a, (spans.incorrect_line, spans.incorrect_edit))):
+    for text, group in (
+        (c, (spans.correct_line, spans.correct_edit)),
+        (a, (spans.incorrect_line, spans.incorrect_edit)),
+    ):
         for span_list in group:
             assert all(0 <= s < e <= len(text) for s, e in span_list)
     for s, e in spans.correct_line:  # line spans start at a line start, end after "\n" or at EOF
@@ -137,7 +143,12 @@ def test_spans_stay_inside_text_and_lines_are_whole(a, c):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet="ab\n", max_size=20), CODE_CHARS, CODE_CHARS, st.text(alphabet="xy \n", max_size=20))
+@given(
+    st.text(alphabet="ab\n", max_size=20),
+    CODE_CHARS,
+    CODE_CHARS,
+    st.text(alphabet="xy \n", max_size=20),
+)
 def test_markdown_offsets_map_back_exactly(prose, a_code, c_code, tail):
     if "```" in prose + tail:
         return

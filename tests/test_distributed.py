@@ -37,19 +37,40 @@ def launch(tmp_path, smollm2_dir, pairs, wrap: str, nproc: int, detach: bool, lo
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            str(WORKER),
+            *args,
+        ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out)
 
 
-@pytest.mark.parametrize("wrap,detach,lora", [("ddp", False, False), ("fsdp2", False, False),
-                                              ("fsdp2", True, False), ("fsdp2", False, True),
-                                              ("fsdp1", False, False)])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, smollm2_dir, pairs, wrap, detach, lora):
+@pytest.mark.parametrize(
+    "wrap,detach,lora",
+    [
+        ("ddp", False, False),
+        ("fsdp2", False, False),
+        ("fsdp2", True, False),
+        ("fsdp2", False, True),
+        ("fsdp1", False, False),
+    ],
+)
+def test_two_processes_match_one_on_the_same_global_batch(
+    tmp_path, smollm2_dir, pairs, wrap, detach, lora
+):
     one = launch(tmp_path, smollm2_dir, pairs, "none", 1, detach, lora)
     two = launch(tmp_path, smollm2_dir, pairs, wrap, 2, detach, lora)
     assert one["grads"].keys() == two["grads"].keys() and one["grads"]

@@ -7,16 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preprocess.diff import merge_spans, pair_spans
-from preprocess.masks import overlap_mask, project
+from axolotl_fgit.contract import overlap_mask, project
+from fgit_preprocess.diff import merge_spans, pair_spans
 
 CORRECT = "```python\ndef total(values):\n    return sum(values) + offset_value\n```\n"
 INCORRECT = "```python\ndef total(values):\n    return sum(values) - offset_valueX\n```\n"
 
 
 @pytest.fixture(params=["bpe", "wordpiece"])
-def tokenizer(request, smollm2_tokenizer, wordpiece_tokenizer):
-    return {"bpe": smollm2_tokenizer, "wordpiece": wordpiece_tokenizer}[request.param]
+def tokenizer(request, tokenizer, wordpiece_tokenizer):
+    return {"bpe": tokenizer, "wordpiece": wordpiece_tokenizer}[request.param]
 
 
 def _offsets(tok, text):
@@ -27,6 +27,7 @@ def test_every_overlapped_token_is_marked(tokenizer):
     spans = pair_spans(CORRECT, INCORRECT)
     offsets = _offsets(tokenizer, CORRECT)
     masks = project(offsets, spans.correct_line, spans.correct_edit)
+
     def overlaps(s: int, e: int, spans_: list) -> bool:
         return e > s and any(s < b and a < e for a, b in spans_)
 
@@ -40,7 +41,7 @@ def test_edit_spanning_several_tokens_marks_all_of_them(tokenizer):
     correct = "result = compute_the_checksum_of_payload(data)\n"
     incorrect = "result = x(data)\n"
     spans = pair_spans(correct, incorrect)
-    (start, end), = [sp for sp in spans.correct_edit if sp[1] - sp[0] > 10]
+    ((start, end),) = [sp for sp in spans.correct_edit if sp[1] - sp[0] > 10]
     offsets = _offsets(tokenizer, correct)
     covered = [i for i, (s, e) in enumerate(offsets) if s < end and start < e and e > s]
     assert len(covered) >= 3, "the edit should span several tokens of this tokenizer"
@@ -49,11 +50,11 @@ def test_edit_spanning_several_tokens_marks_all_of_them(tokenizer):
     assert all(masks.hybrid[i] == 2 for i in covered)
 
 
-def test_shift_projects_spans_inside_a_longer_sequence(smollm2_tokenizer):
+def test_shift_projects_spans_inside_a_longer_sequence(tokenizer):
     prompt = "<|im_start|>user\nWrite total.<|im_end|>\n<|im_start|>assistant\n"
     spans = pair_spans(CORRECT, INCORRECT)
-    alone = project(_offsets(smollm2_tokenizer, CORRECT), spans.correct_line, spans.correct_edit)
-    full_offsets = _offsets(smollm2_tokenizer, prompt + CORRECT)
+    alone = project(_offsets(tokenizer, CORRECT), spans.correct_line, spans.correct_edit)
+    full_offsets = _offsets(tokenizer, prompt + CORRECT)
     shifted = project(full_offsets, spans.correct_line, spans.correct_edit, shift=len(prompt))
     response = [i for i, (s, e) in enumerate(full_offsets) if s >= len(prompt)]
     assert shifted.hybrid[: response[0]].sum() == 0  # no prompt token is marked
@@ -81,5 +82,7 @@ def test_projection_matches_brute_force(tokens, lines, edits):
     assert masks.line.tolist() == brute(line_spans)
     assert masks.edit.tolist() == brute(edit_spans)
     assert set(masks.hybrid.tolist()) <= {0, 1, 2}
-    assert all((h == 2) == (l == 1 and e == 1) for h, l, e in zip(masks.hybrid, masks.line, masks.edit))
+    assert all(
+        (h == 2) == (ln == 1 and e == 1) for h, ln, e in zip(masks.hybrid, masks.line, masks.edit)
+    )
     assert overlap_mask(offsets, []).sum() == 0

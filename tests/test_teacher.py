@@ -19,11 +19,11 @@ import datasets
 import pytest
 
 from conftest import SAMPLE, run_cli
+from fgit_preprocess.cache import AnswerCache
+from fgit_preprocess.mutate import mutate_response
+from fgit_preprocess.sources import rejects_path
+from fgit_preprocess.teacher import Teacher, TeacherSettings, build_requests
 from loopback_server import LoopbackServer, Reply, completion, error, last_user_text, request_json
-from preprocess.cache import AnswerCache
-from preprocess.io import rejects_path
-from preprocess.mutate import mutate_response
-from preprocess.teacher import Teacher, TeacherSettings, build_requests
 
 SECRET = "sk-test-DO-NOT-LEAK-0123456789"
 ENV = {"OPENAI_API_KEY": SECRET}
@@ -45,14 +45,32 @@ def ok(body: dict, index: int) -> Reply:
 
 def write_rows(path: Path, n: int) -> Path:
     rows = [json.loads(line) for line in SAMPLE.open()][:n]
-    path.write_text("".join(json.dumps({**r, "instruction": f"[task {i}] {r['instruction']}"}) + "\n"
-                            for i, r in enumerate(rows)))
+    path.write_text(
+        "".join(
+            json.dumps({**r, "instruction": f"[task {i}] {r['instruction']}"}) + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
     return path
 
 
 def run_args(data: Path, out: Path, srv: LoopbackServer, *extra) -> list:
-    return ["run", "-i", data, "-o", out, "--teacher", "openai/gpt-4o-mini", "--api-base",
-            srv.url, "--similarity", "levenshtein", "--num-variants", "3", *extra]
+    return [
+        "run",
+        "-i",
+        data,
+        "-o",
+        out,
+        "--teacher",
+        "openai/gpt-4o-mini",
+        "--api-base",
+        srv.url,
+        "--similarity",
+        "levenshtein",
+        "--num-variants",
+        "3",
+        *extra,
+    ]
 
 
 def task_of(body: dict) -> int:
@@ -67,7 +85,9 @@ def test_run_end_to_end_with_cost_and_no_leaked_key(tmp_path):
     assert len(srv.requests) == 6 and all(b["n"] == 3 for b in srv.requests)  # uses n
     ds = datasets.load_from_disk(str(out))
     assert len(ds) == 6
-    assert all(0 < s <= 1 for s in ds["similarity"]) and all(n >= 1 for n in ds["num_valid_variants"])
+    assert all(0 < s <= 1 for s in ds["similarity"]) and all(
+        n >= 1 for n in ds["num_valid_variants"]
+    )
     assert all("[task" in p for p in ds["prompt"]) and "tests" in ds.column_names
     report = json.loads((out / "report.json").read_text())
     assert report["teacher"]["cost_usd"] > 0  # litellm priced gpt-4o-mini usage
@@ -96,7 +116,9 @@ def test_faults_are_retried_and_every_row_is_accounted_for(tmp_path):
         if task == 3 and first:
             return Reply(200, b'{"id": "chatcmpl-1", "choices": [{"index": 0, "mess')  # truncated
         if task == 4:
-            return Reply(200, completion(["Sure! The answer is to loop over the list."] * body["n"]))
+            return Reply(
+                200, completion(["Sure! The answer is to loop over the list."] * body["n"])
+            )
         if task == 5:
             return Reply(200, completion(["I'm sorry, I can't help write wrong code."] * body["n"]))
         if task == 6:
@@ -105,8 +127,10 @@ def test_faults_are_retried_and_every_row_is_accounted_for(tmp_path):
 
     out = tmp_path / "out"
     with LoopbackServer(flaky) as srv:
-        run_cli(*run_args(data, out, srv, "--timeout", "1", "--max-retries", "2",
-                          "--concurrency", "4"), env=ENV)
+        run_cli(
+            *run_args(data, out, srv, "--timeout", "1", "--max-retries", "2", "--concurrency", "4"),
+            env=ENV,
+        )
     assert seen[0] == 2 and seen[1] == 3 and seen[2] == 2 and seen[3] == 2  # retried, then OK
     assert seen[6] == 3  # 1 try + 2 retries
     report = json.loads((out / "report.json").read_text())
@@ -114,7 +138,9 @@ def test_faults_are_retried_and_every_row_is_accounted_for(tmp_path):
     assert report["rows_out"] == 5 and report["rejects_by_reason"] == {"no-valid-variant": 3}
     assert report["variant_rejects_by_reason"] == {"no-code-block": 3, "refusal": 3}
     assert report["teacher"]["retries"] >= 6
-    rejects = {json.loads(line)["prompt"][:8]: json.loads(line) for line in rejects_path(out).open()}
+    rejects = {
+        json.loads(line)["prompt"][:8]: json.loads(line) for line in rejects_path(out).open()
+    }
     assert "no-code-block" in rejects["[task 4]"]["detail"]
     assert "refusal" in rejects["[task 5]"]["detail"]
     assert "ServiceUnavailable" in rejects["[task 6]"]["detail"]
@@ -123,9 +149,17 @@ def test_faults_are_retried_and_every_row_is_accounted_for(tmp_path):
 @pytest.mark.parametrize("status", [401, 403, 404])
 def test_auth_errors_and_unknown_models_stop_at_once(tmp_path, status):
     data = write_rows(tmp_path / "in.jsonl", 10)
-    with LoopbackServer(lambda b, i: error(status, "Incorrect API key provided" if status != 404
-                                           else "The model `gpt-4o-mini` does not exist")) as srv:
-        proc = run_cli(*run_args(data, tmp_path / "out", srv, "--concurrency", "2"), ok=False, env=ENV)
+    with LoopbackServer(
+        lambda b, i: error(
+            status,
+            "Incorrect API key provided"
+            if status != 404
+            else "The model `gpt-4o-mini` does not exist",
+        )
+    ) as srv:
+        proc = run_cli(
+            *run_args(data, tmp_path / "out", srv, "--concurrency", "2"), ok=False, env=ENV
+        )
     assert proc.returncode == 2 and "stopping at once" in proc.stderr
     assert len(srv.requests) <= 2, "a fatal error must not be retried or followed by more calls"
     assert not (tmp_path / "out").exists()
@@ -137,7 +171,9 @@ def test_template_missing_placeholder_fails_before_any_call(tmp_path):
     tpl = tmp_path / "tpl.txt"
     tpl.write_text("Break this: {solution}")
     with LoopbackServer(ok) as srv:
-        proc = run_cli(*run_args(data, tmp_path / "o", srv, "--prompt-template", tpl), ok=False, env=ENV)
+        proc = run_cli(
+            *run_args(data, tmp_path / "o", srv, "--prompt-template", tpl), ok=False, env=ENV
+        )
         assert proc.returncode == 2 and "['problem']" in proc.stderr
         assert srv.requests == []
         tpl.write_text("P: {problem}\nReference solution:\n{solution}")
@@ -161,10 +197,18 @@ def test_sigkill_midway_then_resume_repeats_no_answered_request(tmp_path):
 
     out = tmp_path / "out"
     with LoopbackServer(killer) as srv:
-        args = [sys.executable, "-m", "preprocess",
-                *map(str, run_args(data, out, srv, "--concurrency", "1"))]
-        proc = subprocess.Popen(args, env={**os.environ, **ENV, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        args = [
+            sys.executable,
+            "-m",
+            "fgit_preprocess",
+            *map(str, run_args(data, out, srv, "--concurrency", "1")),
+        ]
+        proc = subprocess.Popen(
+            args,
+            env={**os.environ, **ENV, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         state["pid"] = proc.pid
         assert proc.wait(timeout=300) == -signal.SIGKILL
         first = list(srv.answered)
@@ -182,29 +226,44 @@ def test_max_cost_stops_cleanly_and_resumes(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", 8)
     out = tmp_path / "out"
     with LoopbackServer(ok) as srv:
-        proc = run_cli(*run_args(data, out, srv, "--concurrency", "1", "--max-cost", "0.0001"),
-                       ok=False, env=ENV)
+        proc = run_cli(
+            *run_args(data, out, srv, "--concurrency", "1", "--max-cost", "0.0001"),
+            ok=False,
+            env=ENV,
+        )
         spent = len(srv.requests)
     assert proc.returncode == 3 and "--max-cost" in proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "budget-reached" and report["teacher"]["unsent"] == 8 - spent
     assert 0 < spent < 8
     with LoopbackServer(ok) as srv:
-        run_cli(*run_args(data, out, srv, "--concurrency", "1", "--max-cost", "10", "--overwrite"),
-                env=ENV)
+        run_cli(
+            *run_args(data, out, srv, "--concurrency", "1", "--max-cost", "10", "--overwrite"),
+            env=ENV,
+        )
         assert len(srv.requests) == 8 - spent
     assert json.loads((out / "report.json").read_text())["rows_out"] == 8
 
 
 def test_parallel_calls_when_n_is_unsupported(tmp_path):
-    settings = TeacherSettings("openai/gpt-4o-mini", num_variants=3, concurrency=3)
-    prompts = [[{"role": "user", "content": f"Problem:\nX{i}\n\nReference solution:\n"
-                 f"def f(x):\n    return x + {i}\n"}] for i in range(2)]
+    settings = TeacherSettings(model="openai/gpt-4o-mini", num_variants=3, concurrency=3)
+    prompts = [
+        [
+            {
+                "role": "user",
+                "content": f"Problem:\nX{i}\n\nReference solution:\n"
+                f"def f(x):\n    return x + {i}\n",
+            }
+        ]
+        for i in range(2)
+    ]
     requests = build_requests(prompts, settings, use_n=False)
     assert len(requests) == 6 and len({r.key for r in requests}) == 6
     with LoopbackServer(ok) as srv:
-        teacher = Teacher(TeacherSettings(**{**settings.__dict__, "api_base": srv.url}),
-                          AnswerCache(tmp_path / "c.sqlite"))
+        teacher = Teacher(
+            TeacherSettings(**{**settings.__dict__, "api_base": srv.url}),
+            AnswerCache(tmp_path / "c.sqlite"),
+        )
         os.environ.setdefault("OPENAI_API_KEY", SECRET)
         out = asyncio.run(teacher.run(requests))
     assert len(srv.requests) == 6 and all("n" not in b for b in srv.requests)
@@ -215,24 +274,34 @@ def test_bad_inputs_give_clear_errors_or_reasoned_rejects(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"task": "x", "response": "y"}) + "\n")
     proc = run_cli("run", "-i", path, "-o", tmp_path / "o", "--teacher", "mutate", ok=False)
-    assert proc.returncode == 2 and "--prompt-field" in proc.stderr and "task, response" in proc.stderr
-    path.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": "Add one.", "response": "```python\ndef f(x):\n    return x + 1\n```\n"},
-        {"prompt": "Bad.", "response": 42},
-        {"prompt": "No code to mutate.", "response": "```python\npass\n```\n"},
-    ]))
+    assert (
+        proc.returncode == 2 and "--prompt-field" in proc.stderr and "task, response" in proc.stderr
+    )
+    path.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"prompt": "Add one.", "response": "```python\ndef f(x):\n    return x + 1\n```\n"},
+                {"prompt": "Bad.", "response": 42},
+                {"prompt": "No code to mutate.", "response": "```python\npass\n```\n"},
+            ]
+        )
+    )
     out = tmp_path / "o"
     run_cli("run", "-i", path, "-o", out, "--teacher", "mutate", "--similarity", "levenshtein")
     report = json.loads((out / "report.json").read_text())
     assert report["rows_out"] == 1
     assert report["rejects_by_reason"] == {"bad-correct": 1, "no-valid-variant": 1}
-    details = {json.loads(line)["reason"]: json.loads(line)["detail"] for line in rejects_path(out).open()}
+    details = {
+        json.loads(line)["reason"]: json.loads(line)["detail"] for line in rejects_path(out).open()
+    }
     assert "int, not a string" in details["bad-correct"]
     assert details["no-valid-variant"] == "teacher gave no answer"
 
 
 def test_unknown_provider_is_rejected_before_any_call(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", 1)
-    proc = run_cli("run", "-i", data, "-o", tmp_path / "o", "--teacher", "nosuchprovider/x",
-                   ok=False, env=ENV)
+    proc = run_cli(
+        "run", "-i", data, "-o", tmp_path / "o", "--teacher", "nosuchprovider/x", ok=False, env=ENV
+    )
     assert proc.returncode == 2 and "provider/model" in proc.stderr

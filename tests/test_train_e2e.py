@@ -31,10 +31,19 @@ def pairs(tmp_path_factory) -> Path:
 
 def config(tmp: Path, model: Path, data: Path, **overrides) -> Path:
     cfg = yaml.safe_load((ROOT / "examples" / "yaml" / "smollm2-135m-cpu.yml").read_text())
-    cfg.update(base_model=str(model), datasets=[{"path": str(data), "type": "axolotl_fgit.strategy"}],
-               dataset_prepared_path=str(tmp / "prepared"), output_dir=str(tmp / "out"),
-               sequence_len=768, max_steps=4, save_steps=2, eval_steps=2, val_set_size=0.15,
-               learning_rate=2e-4, warmup_steps=0)
+    cfg.update(
+        base_model=str(model),
+        datasets=[{"path": str(data), "type": "axolotl_fgit.strategy"}],
+        dataset_prepared_path=str(tmp / "prepared"),
+        output_dir=str(tmp / "out"),
+        sequence_len=768,
+        max_steps=4,
+        save_steps=2,
+        eval_steps=2,
+        val_set_size=0.15,
+        learning_rate=2e-4,
+        warmup_steps=0,
+    )
     cfg.update(overrides)
     path = tmp / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -42,8 +51,13 @@ def config(tmp: Path, model: Path, data: Path, **overrides) -> Path:
 
 
 def axolotl_train(cfg: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "axolotl.cli.main", "train", str(cfg), "--launcher", "python"],
-                          capture_output=True, text=True, timeout=1200, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "train", str(cfg), "--launcher", "python"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -61,14 +75,22 @@ def test_full_finetune_packed_with_eval_checkpoint_and_resume(tmp_path, smollm2_
     evals = [r for r in logs if "eval_loss" in r]
     assert len(train) == 4 and all(math.isfinite(r["loss"]) for r in train)
     for row in train:
-        assert {"fgit/Hc", "fgit/Ha", "fgit/weight", "fgit/pair_acc", "fgit/sensitive_frac"} <= set(row)
+        assert {"fgit/Hc", "fgit/Ha", "fgit/weight", "fgit/pair_acc", "fgit/sensitive_frac"} <= set(
+            row
+        )
         assert 1.0 <= row["fgit/weight"] <= 3.0 and 0 < row["fgit/Hc"] <= 1
     assert evals and all("eval_fgit/pair_acc" in r for r in evals)
     assert (out / "checkpoint-2" / "model.safetensors").exists()
 
     # Resume from the step-2 checkpoint and train on to step 6.
-    resumed = config(tmp_path, smollm2_dir, pairs, max_steps=6, output_dir=str(tmp_path / "out"),
-                     resume_from_checkpoint=str(out / "checkpoint-2"))
+    resumed = config(
+        tmp_path,
+        smollm2_dir,
+        pairs,
+        max_steps=6,
+        output_dir=str(tmp_path / "out"),
+        resume_from_checkpoint=str(out / "checkpoint-2"),
+    )
     proc = axolotl_train(resumed)
     logs = history(out / "checkpoint-6")
     steps = [r["step"] for r in logs if "loss" in r]
@@ -76,24 +98,47 @@ def test_full_finetune_packed_with_eval_checkpoint_and_resume(tmp_path, smollm2_
     text = proc.stdout + proc.stderr
     assert "checkpoint-2" in text  # it did resume from the checkpoint
 
-    before = json.loads(run_cli("--model", smollm2_dir, "--data", pairs, "--json", module="axolotl_fgit.eval").stdout)
-    after = json.loads(run_cli("--model", out, "--data", pairs, "--json", module="axolotl_fgit.eval").stdout)
+    before = json.loads(
+        run_cli(
+            "--model", smollm2_dir, "--data", pairs, "--json", module="axolotl_fgit.eval"
+        ).stdout
+    )
+    after = json.loads(
+        run_cli("--model", out, "--data", pairs, "--json", module="axolotl_fgit.eval").stdout
+    )
     print(f"\nfgit-eval before: {before}\nfgit-eval after:  {after}")
     assert after["margin_mean"] > before["margin_mean"]
     assert after["pair_acc"] >= before["pair_acc"]
 
 
 def test_lora_training_without_packing(tmp_path, smollm2_dir, pairs):
-    cfg = config(tmp_path, smollm2_dir, pairs, adapter="lora", lora_r=8, lora_alpha=16,
-                 lora_dropout=0.0, lora_target_linear=True, lora_mlp_kernel=False,
-                 lora_qkv_kernel=False, lora_o_kernel=False, sample_packing=False,
-                 micro_batch_size=2, max_steps=2, save_steps=2, eval_steps=2,
-                 gradient_checkpointing=True)
+    cfg = config(
+        tmp_path,
+        smollm2_dir,
+        pairs,
+        adapter="lora",
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_target_linear=True,
+        lora_mlp_kernel=False,
+        lora_qkv_kernel=False,
+        lora_o_kernel=False,
+        sample_packing=False,
+        micro_batch_size=2,
+        max_steps=2,
+        save_steps=2,
+        eval_steps=2,
+        gradient_checkpointing=True,
+    )
     axolotl_train(cfg)
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").exists()
     logs = history(out / "checkpoint-2")
     assert all(math.isfinite(r["loss"]) and "fgit/Ha" in r for r in logs if "loss" in r)
-    scored = json.loads(run_cli("--model", out, "--data", pairs, "--json", "--limit", "4",
-                                module="axolotl_fgit.eval").stdout)
+    scored = json.loads(
+        run_cli(
+            "--model", out, "--data", pairs, "--json", "--limit", "4", module="axolotl_fgit.eval"
+        ).stdout
+    )
     assert scored["pairs"] >= 3 and 0 <= scored["pair_acc"] <= 1

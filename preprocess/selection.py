@@ -1,4 +1,4 @@
-"""Pick, per row, the valid variant most similar to the correct response (FGIT-SPEC §1).
+"""Pick, per row, the valid variant most similar to the correct response.
 
 Default: cosine similarity of mean-pooled UnixCoder embeddings through
 sentence-transformers (any local path or Hub name; batched; on GPU when present).
@@ -15,7 +15,9 @@ import numpy as np
 DEFAULT_EMBEDDER = "microsoft/unixcoder-base"
 
 
-def levenshtein_scores(correct: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+def levenshtein_scores(
+    correct: Sequence[str], candidates: Sequence[Sequence[str]]
+) -> list[list[float]]:
     """Normalised edit similarity (1 = identical) of each candidate to its correct code."""
     return [[Levenshtein.ratio(c, v) for v in vs] for c, vs in zip(correct, candidates)]
 
@@ -23,18 +25,25 @@ def levenshtein_scores(correct: Sequence[str], candidates: Sequence[Sequence[str
 class EmbeddingScorer:
     """Cosine similarity of sentence-transformers embeddings, batched over all rows."""
 
-    def __init__(self, model: str = DEFAULT_EMBEDDER, batch_size: int = 64,
-                 device: str | None = None):
+    def __init__(
+        self, model: str = DEFAULT_EMBEDDER, batch_size: int = 64, device: str | None = None
+    ):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(model, device=device)
         self.batch_size = batch_size
 
-    def __call__(self, correct: Sequence[str], candidates: Sequence[Sequence[str]],
-                 progress: bool = True) -> list[list[float]]:
+    def __call__(
+        self, correct: Sequence[str], candidates: Sequence[Sequence[str]], progress: bool = True
+    ) -> list[list[float]]:
         texts = list(correct) + [v for vs in candidates for v in vs]
-        emb = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                convert_to_numpy=True, show_progress_bar=progress)
+        emb = self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
+        )
         ref, rest = emb[: len(correct)], emb[len(correct) :]
         scores, at = [], 0
         for i, vs in enumerate(candidates):

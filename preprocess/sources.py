@@ -1,4 +1,4 @@
-"""Reading instruction datasets and writing FGIT's Arrow output (the I/O edge).
+"""Reading instruction datasets and writing FGIT's JSON side files (the I/O edge).
 
 Rows are normalised to ``prompt`` (a string) or ``messages`` (chat turns before the
 answer), plus ``correct`` and, for already-paired data, ``incorrect``. Every other
@@ -13,16 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
+
 PROMPT_CANDIDATES = ("prompt", "instruction", "question", "problem", "query")
 CORRECT_CANDIDATES = ("correct", "response", "output", "solution", "completion", "answer")
 MESSAGES_CANDIDATES = ("messages", "conversations", "conversation")
-SPAN_COLUMNS = (
-    "correct_line_spans",
-    "correct_edit_spans",
-    "incorrect_line_spans",
-    "incorrect_edit_spans",
-)
-PARAMS_FILE = "fgit_params.json"
 REPORT_FILE = "report.json"
 REJECTS_SUFFIX = ".rejects.jsonl"
 
@@ -53,15 +48,19 @@ def load_rows(path: str, split: str = "train"):
             return datasets.load_dataset("parquet", data_files=str(p), split="train")
         if suffix == ".arrow":
             return datasets.Dataset.from_file(str(p))
-        raise InputError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, "
-                         ".parquet, .arrow or a save_to_disk directory")
+        raise InputError(
+            f"{path}: unknown file type {suffix!r}; use .jsonl, .json, "
+            ".parquet, .arrow or a save_to_disk directory"
+        )
     if path.startswith((".", "/")) or path.count("/") > 1:
         raise InputError(f"{path}: no such file or directory")
     try:
         return datasets.load_dataset(path, split=split)
     except Exception as exc:  # the Hub raises many types; say what was tried
-        raise InputError(f"{path} is not a local file and could not be loaded from the "
-                         f"Hugging Face Hub ({type(exc).__name__}: {exc})") from exc
+        raise InputError(
+            f"{path} is not a local file and could not be loaded from the "
+            f"Hugging Face Hub ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -75,24 +74,38 @@ class Fields:
     input: str | None = None  # optional Alpaca-style "input" appended to the prompt
 
 
-def _pick(columns: Iterable[str], given: str | None, candidates: tuple[str, ...],
-          flag: str, what: str, required: bool) -> str | None:
+def _pick(
+    columns: Iterable[str],
+    given: str | None,
+    candidates: tuple[str, ...],
+    flag: str,
+    what: str,
+    required: bool,
+) -> str | None:
     cols = list(columns)
     if given is not None:
         if given not in cols:
-            raise InputError(f"{flag} {given!r} is not a column; available columns: "
-                             f"{', '.join(cols)}")
+            raise InputError(
+                f"{flag} {given!r} is not a column; available columns: {', '.join(cols)}"
+            )
         return given
     found = next((c for c in candidates if c in cols), None)
     if found is None and required:
-        raise InputError(f"no {what} column found (looked for {', '.join(candidates)}); "
-                         f"pass {flag}. Available columns: {', '.join(cols)}")
+        raise InputError(
+            f"no {what} column found (looked for {', '.join(candidates)}); "
+            f"pass {flag}. Available columns: {', '.join(cols)}"
+        )
     return found
 
 
-def resolve_fields(columns: Iterable[str], prompt: str | None = None,
-                   correct: str | None = None, incorrect: str | None = None,
-                   messages: str | None = None, paired: bool = False) -> Fields:
+def resolve_fields(
+    columns: Iterable[str],
+    prompt: str | None = None,
+    correct: str | None = None,
+    incorrect: str | None = None,
+    messages: str | None = None,
+    paired: bool = False,
+) -> Fields:
     """Name the columns to use, auto-detecting common names; errors list what exists."""
     cols = list(columns)
     chat = messages is not None or (
@@ -100,13 +113,25 @@ def resolve_fields(columns: Iterable[str], prompt: str | None = None,
         and not any(c in cols for c in PROMPT_CANDIDATES)
         and any(c in cols for c in MESSAGES_CANDIDATES)
     )
-    msg = _pick(cols, messages, MESSAGES_CANDIDATES, "--messages-field", "chat", True) if chat else None
-    prompt_col = None if chat else _pick(cols, prompt, PROMPT_CANDIDATES, "--prompt-field",
-                                         "prompt", True)
-    correct_col = _pick(cols, correct, CORRECT_CANDIDATES, "--correct-field",
-                        "correct-response", msg is None)
-    incorrect_col = _pick(cols, incorrect, ("incorrect", "rejected"), "--incorrect-field",
-                          "incorrect-response", paired)
+    msg = (
+        _pick(cols, messages, MESSAGES_CANDIDATES, "--messages-field", "chat", True)
+        if chat
+        else None
+    )
+    prompt_col = (
+        None if chat else _pick(cols, prompt, PROMPT_CANDIDATES, "--prompt-field", "prompt", True)
+    )
+    correct_col = _pick(
+        cols, correct, CORRECT_CANDIDATES, "--correct-field", "correct-response", msg is None
+    )
+    incorrect_col = _pick(
+        cols,
+        incorrect,
+        ("incorrect", "rejected"),
+        "--incorrect-field",
+        "incorrect-response",
+        paired,
+    )
     input_col = "input" if prompt_col and "input" in cols and prompt_col != "input" else None
     return Fields(prompt_col, msg, correct_col, incorrect_col, input_col)
 
@@ -135,8 +160,9 @@ def _turns(messages: Any) -> list[dict[str, str]]:
     for turn in messages:
         content = _content(turn)
         role = turn.get("role", turn.get("from"))
-        out.append({"role": {"human": "user", "gpt": "assistant"}.get(role, role),
-                    "content": content})
+        out.append(
+            {"role": {"human": "user", "gpt": "assistant"}.get(role, role), "content": content}
+        )
     return out
 
 
@@ -156,25 +182,32 @@ def normalise_row(row: Mapping[str, Any], fields: Fields) -> dict[str, Any]:
         turns = _turns(row.get(fields.messages))
         if fields.correct is None:
             if turns[-1]["role"] != "assistant":
-                raise RowError("bad-messages", "last chat turn is not the assistant's "
-                               "answer and no --correct-field was given")
-            turns, out["correct"] = turns[:-1], turns[-1]["content"]
+                raise RowError(
+                    "bad-messages",
+                    "last chat turn is not the assistant's answer and no --correct-field was given",
+                )
+            turns, out[COLS.correct] = turns[:-1], turns[-1]["content"]
         elif turns[-1]["role"] == "assistant":
-            raise RowError("bad-messages", "chat ends with an assistant turn although "
-                           f"{fields.correct!r} holds the answer; drop that turn")
+            raise RowError(
+                "bad-messages",
+                "chat ends with an assistant turn although "
+                f"{fields.correct!r} holds the answer; drop that turn",
+            )
         if not turns:
             raise RowError("bad-messages", "no prompt turns before the answer")
-        out["messages"] = turns
+        out[COLS.messages] = turns
     else:
         prompt = _string(row, fields.prompt, "bad-prompt")
         extra = row.get(fields.input) if fields.input else None
-        out["prompt"] = f"{prompt}\n\n{extra}" if isinstance(extra, str) and extra.strip() else prompt
+        out[COLS.prompt] = (
+            f"{prompt}\n\n{extra}" if isinstance(extra, str) and extra.strip() else prompt
+        )
     if fields.correct is not None:
-        out["correct"] = _string(row, fields.correct, "bad-correct")
-    elif not out["correct"].strip():
+        out[COLS.correct] = _string(row, fields.correct, "bad-correct")
+    elif not out[COLS.correct].strip():
         raise RowError("bad-correct", "the assistant answer is empty")
     if fields.incorrect is not None:
-        out["incorrect"] = _string(row, fields.incorrect, "bad-incorrect")
+        out[COLS.incorrect] = _string(row, fields.incorrect, "bad-incorrect")
     return out
 
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from preprocess.diff import Span
-from preprocess.io import REPORT_FILE
+from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
+from axolotl_fgit.contract import Span
+from fgit_preprocess.sources import REPORT_FILE
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -55,8 +56,8 @@ def summary(ds, output: Path) -> dict[str, Any]:
         total = sum(len(v) for v in vectors)
         share, unit = sum(1 for v in vectors for x in v if x) / max(total, 1), "tokens"
     else:
-        total = sum(len(t) for t in ds["correct"])
-        marked = sum(e - s for spans in ds["correct_line_spans"] for s, e in spans)
+        total = sum(len(t) for t in ds[COLS.correct])
+        marked = sum(e - s for spans in ds[COLS.correct_line_spans] for s, e in spans)
         share, unit = marked / max(total, 1), "characters (no token columns)"
     return {
         "rows": len(ds),
@@ -68,15 +69,24 @@ def summary(ds, output: Path) -> dict[str, Any]:
 
 
 def _prompt_text(row: dict[str, Any]) -> str:
-    if row.get("messages"):
-        return "\n\n".join(f"[{t['role']}] {t['content']}" for t in row["messages"])
-    return row.get("prompt", "")
+    if row.get(COLS.messages):
+        return "\n\n".join(f"[{t['role']}] {t['content']}" for t in row[COLS.messages])
+    return row.get(COLS.prompt, "")
+
+
+def _side(row: dict[str, Any], text: str, lines: str, edits: str) -> str:
+    return highlight(row[text], row[lines], row[edits])
 
 
 def render(ds, rows: Sequence[int], stats: dict[str, Any], title: str) -> str:
     """The whole page: summary table, then each chosen row as a side-by-side pair."""
-    reasons = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>"
-                      for k, v in stats["rejects_by_reason"].items()) or "<tr><td>none</td></tr>"
+    reasons = (
+        "".join(
+            f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>"
+            for k, v in stats["rejects_by_reason"].items()
+        )
+        or "<tr><td>none</td></tr>"
+    )
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -91,14 +101,17 @@ def render(ds, rows: Sequence[int], stats: dict[str, Any], title: str) -> str:
     ]
     for i in rows:
         row = ds[int(i)]
-        extra = f" — similarity {row['similarity']:.3f}" if row.get("similarity") is not None else ""
+        extra = (
+            f" — similarity {row['similarity']:.3f}" if row.get("similarity") is not None else ""
+        )
         parts.append(
             f"<h2>Row {i}{extra}</h2><div class='prompt'>{html.escape(_prompt_text(row))}</div>"
             "<table class='pair'><tr><th>correct</th><th>incorrect</th></tr><tr>"
-            f"<td><pre>{highlight(row['correct'], row['correct_line_spans'], row['correct_edit_spans'])}</pre></td>"
-            f"<td><pre>{highlight(row['incorrect'], row['incorrect_line_spans'], row['incorrect_edit_spans'])}</pre></td>"
+            f"<td><pre>{_side(row, COLS.correct, COLS.correct_line_spans, COLS.correct_edit_spans)}"
+            "</pre></td><td><pre>"
+            f"{_side(row, COLS.incorrect, COLS.incorrect_line_spans, COLS.incorrect_edit_spans)}"
+            "</pre></td>"
             "</tr></table>"
         )
     parts.append("</body></html>")
     return "\n".join(parts)
-
