@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -59,13 +61,20 @@ class FGITConfig(BaseModel):
         ge=16,
         description="Tokens per chunk when projecting hidden states onto the vocabulary.",
     )
+    max_truncated_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Largest share of pairs allowed to have a half cut at sequence_len / 2 "
+        "before training stops with an error (the count is always logged).",
+    )
     columns: Columns = Field(default_factory=Columns)
 
     @model_validator(mode="after")
     def _alpha(self) -> FGITConfig:
-        if self.alpha < 1:
+        if not math.isfinite(self.alpha) or self.alpha < 1:
             raise ValueError(
-                f"fgit.alpha must be >= 1 (got {self.alpha}); alpha-1 is the "
+                f"fgit.alpha must be a finite number >= 1 (got {self.alpha}); alpha-1 is the "
                 "weight of shared tokens. Use alpha: 2.0 for SFT weight 1 on them."
             )
         if self.alpha == 1 and self.weighting != Weighting.sft:
@@ -122,6 +131,11 @@ class FGITArgs(BaseModel):
         """Reject settings FGIT cannot honour, naming the key and the fix."""
         if not isinstance(data, dict) or data.get("fgit") is None:
             return data
+        if not isinstance(data["fgit"], (dict, FGITConfig)):
+            raise ValueError(
+                f"fgit: must be a mapping of FGIT settings, not {data['fgit']!r}; for example "
+                "fgit: {alpha: 2.0} (every key is optional)"
+            )
         problems = []
         for key in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size"):
             if (_get(data, key) or 1) > 1:
@@ -152,22 +166,29 @@ class FGITArgs(BaseModel):
                 "FGIT projects hidden states in per-rank chunks; use ZeRO-2 or "
                 "FSDP (fsdp_version: 2)"
             )
+        if _get(data, "torch_compile"):
+            problems.append(
+                "torch_compile: FGIT swaps the output head for chunked log-probs inside the "
+                "forward, which has not been verified under torch.compile; set "
+                "torch_compile: false"
+            )
         if _get(data, "pretraining_dataset"):
             problems.append(
                 "pretraining_dataset has no correct/incorrect pairs; use "
                 f"datasets: with type: {STRATEGY_PREFIX}"
             )
         datasets = data.get("datasets") or []
-        wrong = [
-            _get(d, "type")
-            for d in datasets
-            if not str(_get(d, "type") or "").startswith(STRATEGY_PREFIX)
-        ]
-        if wrong:
-            problems.append(
-                f"datasets: type {wrong} cannot feed FGIT; every dataset needs "
-                f"type: {STRATEGY_PREFIX} (output of fgit-preprocess)"
-            )
+        for key in ("datasets", "test_datasets"):
+            wrong = [
+                _get(d, "type")
+                for d in data.get(key) or []
+                if not str(_get(d, "type") or "").startswith(STRATEGY_PREFIX)
+            ]
+            if wrong:
+                problems.append(
+                    f"{key}: type {wrong} cannot feed FGIT; every entry needs "
+                    f"type: {STRATEGY_PREFIX} (output of fgit-preprocess)"
+                )
         columns = (
             Columns(**(_get(data["fgit"], "columns") or {}))
             if isinstance(data["fgit"], dict)
@@ -179,7 +200,9 @@ class FGITArgs(BaseModel):
             except ContractError as err:
                 problems.append(str(err))
             present = local_columns(str(_get(ds, "path") or ""))
-            if present is not None and (missing := columns.missing(present)):
+            field = _get(ds, "field_messages")
+            expected = replace(columns, messages=field) if field else columns
+            if present is not None and (missing := expected.missing(present)):
                 problems.append(
                     f"dataset {_get(ds, 'path')} lacks FGIT columns {missing} "
                     f"(has {sorted(present)}); run fgit-preprocess on it, or map "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from axolotl.utils.collators import DataCollatorForSeq2Seq, V2BatchSamplerDataCollatorForSeq2Seq
 
-from axolotl_fgit.contract import TOKEN_COLUMNS, Side
+from axolotl_fgit.contract import TOKEN_COLUMNS, TRUNCATED_COLUMN, Side
 
 Feature = dict[str, Any]
 
@@ -42,6 +42,7 @@ def take_token_columns(rows: Sequence[Sequence[Feature]]) -> dict[str, list[np.n
     for row in rows:
         for feature in row:
             feature["position_ids"] = pair_positions(feature["fgit_side"])
+            feature.pop(TRUNCATED_COLUMN, None)  # counted by the trainer, not a model input
         for name in TOKEN_COLUMNS:
             out[name].append(np.concatenate([np.asarray(f.pop(name), dtype=np.int64) for f in row]))
     return out

@@ -37,6 +37,8 @@ class Side(IntEnum):
 
 # Per-token columns the prompt strategy adds beside input_ids/labels/attention_mask.
 TOKEN_COLUMNS = ("fgit_side", "fgit_line", "fgit_edit")
+# Per-sample flag the prompt strategy adds: 1 when a half was cut at sequence_len / 2.
+TRUNCATED_COLUMN = "fgit_truncated"
 
 
 @dataclass(frozen=True)

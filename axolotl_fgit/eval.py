@@ -50,20 +50,24 @@ def pair_scores(
 
     from axolotl_fgit.args import FGITConfig
     from axolotl_fgit.collator import FGITDataCollator
-    from axolotl_fgit.strategy import FGITPromptStrategy
-    from axolotl_fgit.trainer import batch_loss
+    from axolotl_fgit.strategy import pair_strategy
+    from axolotl_fgit.trainer import batch_loss, verify_fidelity
 
-    strategy = FGITPromptStrategy(tokenizer, DEFAULT_COLUMNS, sequence_len)
+    strategy = pair_strategy(tokenizer, sequence_len)
     collate = FGITDataCollator(tokenizer, return_tensors="pt")
     cfg = FGITConfig(granularity=granularity)
     device = next(model.parameters()).device
     out = []
+    checked = False
     for start in tqdm(range(0, len(rows), batch_size), desc="Scoring pairs", unit="batch"):
         feats = [
             strategy.tokenize_prompt(dict(rows[i]))
             for i in range(start, min(start + batch_size, len(rows)))
         ]
         batch = {k: v.to(device) for k, v in collate(feats).items()}
+        if not checked:  # a logit transform we do not know would make every score wrong
+            verify_fidelity(model, batch, cfg)
+            checked = True
         with torch.no_grad():
             parts = batch_loss(model, batch, cfg)
         hc, ha = parts.h_correct, parts.h_incorrect

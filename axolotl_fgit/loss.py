@@ -26,6 +26,7 @@ class FlatBatch:
 
     ids: torch.Tensor
     pos: torch.Tensor
+    row: torch.Tensor  # the batch row each token came from
     side: torch.Tensor
     labels: torch.Tensor
     v: torch.Tensor  # sensitivity V (0, 1 or 2) per token
@@ -57,11 +58,13 @@ def flatten(batch: Mapping[str, torch.Tensor], granularity: Granularity) -> Flat
     side = batch["fgit_side"]
     keep = side > Side.PAD
     pos, s = batch["position_ids"][keep], side[keep]
+    row = torch.arange(side.shape[0], device=side.device)[:, None].expand_as(side)[keep]
     sample = torch.cumsum(((pos == 0) & (s == Side.CORRECT)).long(), 0) - 1
     v = sensitivity(batch["fgit_line"][keep], batch["fgit_edit"][keep], granularity).float()
     return FlatBatch(
         batch["input_ids"][keep],
         pos,
+        row,
         s,
         batch["labels"][keep],
         v,

@@ -2,20 +2,36 @@
 
 FGIT needs ``log p(target)`` at a few thousand positions, never full ``tokens × vocab``
 logits. For one forward, ``logprob_head`` makes the model's output head return those
-log-probs directly: ``logits_to_keep=rows`` hands it only the needed hidden states, and it
-projects them onto the vocabulary ``chunk_size`` rows at a time under activation
-checkpointing. The projection so runs inside every wrapper's forward (FSDP1, FSDP2, DDP and
-PEFT see the head gathered and hook their backward onto the result as onto logits).
+log-probs directly: ``logits_to_keep`` hands it only the needed positions, and it projects
+them onto the vocabulary ``chunk_size`` rows at a time under activation checkpointing. The
+projection so runs inside every wrapper's forward (FSDP1, FSDP2, DDP and PEFT see the head
+gathered and hook their backward onto the result as onto logits).
+
+Some models transform logits after the head (Gemma-2/3 soft-capping, Granite's
+``logits_scaling``, Cohere's ``logit_scale``). Those transforms are applied here, inside the
+projection, and switched off in the model for the duration of the call, so the model's own
+code never touches FGIT's log-probs. ``check_fidelity`` compares the result with
+``log_softmax`` of the model's real logits, so a transform we do not know stops training
+instead of training a wrong objective.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class FidelityError(RuntimeError):
+    """FGIT's log-probs differ from the model's own; training would optimise a wrong loss."""
 
 
 def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
@@ -24,6 +40,60 @@ def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
         if isinstance(module, PreTrainedModel) and module.get_output_embeddings() is not None:
             return module
     raise AttributeError(f"{type(model).__name__} contains no model with output embeddings")
+
+
+@dataclass(frozen=True)
+class _PostHead:
+    """A logit transform some models apply after the head, and how to switch it off."""
+
+    name: str  # attribute holding the parameter
+    on_module: bool  # read from the model module (else from its config / text config)
+    neutral: Any  # value that makes the model's own transform a no-op
+    apply: Callable[[torch.Tensor, float], torch.Tensor]
+
+
+POST_HEAD = (
+    _PostHead("final_logit_softcapping", False, None, lambda x, c: torch.tanh(x / c) * c),
+    _PostHead("logits_scaling", False, 1.0, lambda x, s: x / s),
+    _PostHead("logit_scale", True, 1.0, lambda x, s: x * s),
+)
+
+
+def _owners(lm: PreTrainedModel, spec: _PostHead) -> list[Any]:
+    if spec.on_module:
+        return [lm]
+    configs = [lm.config, lm.config.get_text_config()]
+    return [c for i, c in enumerate(configs) if c not in configs[:i]]
+
+
+def post_head_transforms(lm: PreTrainedModel) -> list[Transform]:
+    """The logit transforms ``lm``'s forward applies after its head, in order."""
+    out = []
+    for spec in POST_HEAD:
+        values = {getattr(o, spec.name, None) for o in _owners(lm, spec)} - {None}
+        if len(values) > 1:
+            raise FidelityError(f"{type(lm).__name__} has two values of {spec.name}: {values}")
+        if values and (value := values.pop()) != spec.neutral:
+            out.append(lambda x, spec=spec, value=float(value): spec.apply(x, value))
+    return out
+
+
+@contextmanager
+def _switched_off(lm: PreTrainedModel) -> Iterator[None]:
+    """Set every known post-head parameter to its no-op value; restore it on exit."""
+    saved = [
+        (o, s, getattr(o, s.name))
+        for s in POST_HEAD
+        for o in _owners(lm, s)
+        if getattr(o, s.name, None) is not None
+    ]
+    try:
+        for owner, spec, _ in saved:
+            setattr(owner, spec.name, spec.neutral)
+        yield
+    finally:
+        for owner, spec, value in saved:
+            setattr(owner, spec.name, value)
 
 
 def _chunk_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -49,45 +119,137 @@ def token_logprobs(
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
+@dataclass
+class Wanted:
+    """Which next-token log-probs one forward must return.
+
+    ``ids``/``pos`` are ``[rows, length]``; the hidden state at ``(row[i], col[i])`` predicts
+    ``targets[i]``.
+    """
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    targets: torch.Tensor
+
+
+def accepts_logits_to_keep(lm: PreTrainedModel) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (older or remote code may not)."""
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
 @contextmanager
-def logprob_head(model: torch.nn.Module, targets: torch.Tensor, chunk_size: int) -> Iterator[None]:
+def logprob_head(
+    model: torch.nn.Module, want: Wanted, keep: torch.Tensor, chunk_size: int
+) -> Iterator[None]:
     """Inside the block, the model's output head returns ``log p(targets)``, not logits.
 
-    The head's own forward (an instance-level one too, as accelerate's hooks install) is
-    restored on every exit path, exceptions included.
+    The head gets the hidden states of the ``keep`` columns (``logits_to_keep``) or, from a
+    model without that argument, of every column, and picks the wanted ones itself. Post-head
+    transforms run inside the projection and are switched off in the model. The head's own
+    forward (an instance-level one too, as accelerate's hooks install) is restored on every
+    exit path, exceptions included.
     """
-    head = causal_lm(model).get_output_embeddings()
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
     own = head.__dict__.get("forward")
     project = own or head.forward
+    transforms = post_head_transforms(lm)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = project(hidden)
+        for transform in transforms:
+            out = transform(out)
+        return out
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(hidden[0], project, targets, chunk_size)[None]
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del head.forward
+        if hidden.shape[1] == keep.numel():
+            picked = hidden[want.row, torch.searchsorted(keep, want.col)]
+        elif hidden.shape[1] == want.ids.shape[1]:
+            picked = hidden[want.row, want.col]
         else:
-            head.forward = own
+            raise FidelityError(
+                f"{type(lm).__name__} handed its output head {hidden.shape[1]} "
+                f"positions, neither the {keep.numel()} asked for nor all "
+                f"{want.ids.shape[1]}"
+            )
+        return token_logprobs(picked, logits, want.targets, chunk_size)[None]
+
+    with ExitStack() as stack:
+        stack.enter_context(_switched_off(lm))
+        head.forward = forward
+        try:
+            yield
+        finally:
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
 
 
-def forward_logprobs(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    pos: torch.Tensor,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int,
-) -> torch.Tensor:
-    """Forward one packed row; return ``log p(targets)`` predicted from hidden ``rows``."""
-    with logprob_head(model, targets, chunk_size):
-        out = model(
-            input_ids=ids[None],
-            position_ids=pos[None],
-            use_cache=False,
-            logits_to_keep=rows,
-            return_dict=True,
-        )
+def forward_logprobs(model: torch.nn.Module, want: Wanted, chunk_size: int) -> torch.Tensor:
+    """One forward over ``want.ids``; return ``log p(want.targets)``, one per wanted token."""
+    keep = torch.unique(want.col)
+    kwargs: dict[str, Any] = {
+        "input_ids": want.ids,
+        "position_ids": want.pos,
+        "use_cache": False,
+        "return_dict": True,
+    }
+    if accepts_logits_to_keep(causal_lm(model)):
+        kwargs["logits_to_keep"] = keep
+    with logprob_head(model, want, keep, chunk_size):
+        out = model(**kwargs)
     return out["logits"][0]
+
+
+def check_fidelity(model: torch.nn.Module, want: Wanted, chunk_size: int, n: int = 8) -> float:
+    """Compare FGIT's log-probs with ``log_softmax`` of the model's own logits at ``n`` tokens.
+
+    Runs without gradients and in eval mode (dropout off), then restores the mode. Raises
+    ``FidelityError`` naming the model class on a mismatch; returns the largest difference.
+    """
+    lm = causal_lm(model)
+    first = want.row == want.row[0] if want.row.numel() else want.row.bool()
+    idx = first.nonzero().squeeze(1)[:n]
+    if idx.numel() == 0:
+        return 0.0
+    row, end = int(want.row[idx[0]]), int(want.col[idx].max()) + 1  # causal: later tokens
+    probe = Wanted(
+        want.ids[row : row + 1, :end],
+        want.pos[row : row + 1, :end],  # change nothing
+        torch.zeros_like(idx),
+        want.col[idx],
+        want.targets[idx],
+    )
+    keep = torch.unique(probe.col)
+    kwargs: dict[str, Any] = {
+        "input_ids": probe.ids,
+        "position_ids": probe.pos,
+        "use_cache": False,
+        "return_dict": True,
+    }
+    if accepts_logits_to_keep(lm):
+        kwargs["logits_to_keep"] = keep
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = forward_logprobs(model, probe, chunk_size)
+            logits = model(**kwargs)["logits"][0].float()
+    finally:
+        model.train(training)
+    at = torch.searchsorted(keep, probe.col) if logits.shape[0] == keep.numel() else probe.col
+    theirs = torch.log_softmax(logits[at], dim=-1).gather(1, probe.targets[:, None])[:, 0]
+    dtype = next(lm.parameters()).dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    error = float((ours - theirs).abs().max())
+    if not error <= tolerance:
+        raise FidelityError(
+            f"FGIT's log-probs for {type(lm).__name__} differ from log_softmax of the model's "
+            f"own logits by {error:.3g} (tolerance {tolerance:g}): its forward transforms logits "
+            "in a way axolotl-fgit does not know, so the FGIT loss would be wrong. Known "
+            f"transforms: {', '.join(s.name for s in POST_HEAD)}. Please report the model class."
+        )
+    return error

@@ -1,22 +1,36 @@
 """Dataset ``type: axolotl_fgit.strategy``: tokenize an FGIT pair as one training sample.
 
-A sample is ``prompt + correct`` followed by ``prompt + incorrect``, both rendered with
-the model's chat template. ``fgit_side`` marks the halves (1 correct, 2 incorrect), so
-Axolotl's packing, step counting and ``sequence_len`` see every token the model reads,
-and the collator restarts position ids at the second half. Labels cover the correct
-response only (the same tokens plain SFT trains on); ``fgit_line`` / ``fgit_edit`` are
-the span masks projected onto the real tokens through the offset mapping.
+A sample is the conversation ending in the correct response, followed by the same
+conversation ending in the incorrect one. Each half is rendered, tokenized and labelled by
+Axolotl's own ``chat_template`` strategy, with every option a ``type: chat_template`` entry
+takes (``chat_template``, ``roles_to_train``, ``train_on_eos``, ``eot_tokens``,
+``field_messages``, ``message_property_mappings``, system prompts): the correct half's
+labels are exactly the labels plain SFT would train on, and the incorrect half is not
+trained. ``fgit_side`` marks the halves, so Axolotl's packing, step counting and
+``sequence_len`` see every token the model reads; ``fgit_line`` / ``fgit_edit`` are the span
+masks projected onto the real tokens through the offset mapping.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 try:
-    from axolotl.prompt_tokenizers import PromptTokenizingStrategy
+    from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy, StrategyLoader
+    from axolotl.utils.logging import get_logger
+    from pydantic import BaseModel
 
-    from axolotl_fgit.args import fgit_config
-    from axolotl_fgit.contract import IGNORE_INDEX, Columns, Side, project, row_spans
+    from axolotl_fgit.args import PLUGIN, FGITConfig, fgit_config
+    from axolotl_fgit.contract import (
+        IGNORE_INDEX,
+        TRUNCATED_COLUMN,
+        Columns,
+        ContractError,
+        Side,
+        project,
+        row_spans,
+    )
 except ModuleNotFoundError as err:
     # Axolotl's strategy loader turns a ModuleNotFoundError into "unhandled prompt
     # tokenization strategy"; a plain ImportError reaches the user with its cause.
@@ -25,97 +39,148 @@ except ModuleNotFoundError as err:
         "reinstall axolotl-fgit and its dependencies"
     ) from err
 
+LOG = get_logger(__name__)
 
-class FGITPromptStrategy(PromptTokenizingStrategy):
-    """Renders, tokenizes and aligns both halves of a pair (one row at a time)."""
 
-    def __init__(self, tokenizer, columns: Columns, sequence_len: int):
-        super().__init__(None, tokenizer, train_on_inputs=False, sequence_len=sequence_len)
+def dataset_columns(columns: Columns, ds_cfg: Any) -> Columns:
+    """The columns of one ``datasets:`` entry: its ``field_messages`` names the chat turns."""
+    field = ds_cfg.get("field_messages") if hasattr(ds_cfg, "get") else None
+    return replace(columns, messages=field) if field else columns
+
+
+class FGITChatTemplateStrategy(ChatTemplateStrategy):
+    """Axolotl's chat-template strategy, applied to both halves of a pair."""
+
+    def __init__(self, *args: Any, columns: Columns, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.columns = columns
-        if not getattr(tokenizer, "is_fast", False):
+        if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
                 "FGIT needs a fast tokenizer (offset mappings); "
-                f"{type(tokenizer).__name__} is not one"
+                f"{type(self.tokenizer).__name__} is not one"
             )
 
-    def _messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
-        c = self.columns
-        if row.get(c.messages):
-            return [{"role": t["role"], "content": t["content"]} for t in row[c.messages]]
+    @property
+    def supports_batched(self) -> bool:
+        return False
+
+    def _prompt_turns(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """The conversation before the answer, in the dataset's own message keys."""
+        c, mapping = self.columns, self.prompter.message_property_mappings
+        role, content = mapping.get("role", "role"), mapping.get("content", "content")
+        turns = row.get(self.prompter.field_messages)
+        if turns:
+            turns = list(turns)
+            if turns[-1].get(content) == row[c.correct]:
+                turns = turns[:-1]  # a chat_template row that still holds its answer
+            return turns
         if isinstance(row.get(c.prompt), str):
-            return [{"role": "user", "content": row[c.prompt]}]
-        raise ValueError(
-            f"FGIT row has neither a {c.prompt!r} string nor {c.messages!r} "
+            return [{role: "user", content: row[c.prompt]}]
+        raise ContractError(
+            f"FGIT row has neither a {c.prompt!r} string nor {self.prompter.field_messages!r} "
             f"turns; columns present: {sorted(row)}"
         )
 
-    def _render(self, messages: list[dict[str, str]], response: str) -> tuple[str, int]:
-        """Full text and the offset where ``response`` starts in it."""
-        tok = self.tokenizer
-        if tok.chat_template:
-            prefix = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            full = tok.apply_chat_template(
-                [*messages, {"role": "assistant", "content": response}], tokenize=False
-            )
-            if full.startswith(prefix) and full[len(prefix) :].startswith(response):
-                return full, len(prefix)
-            return prefix + response + (tok.eos_token or ""), len(prefix)
-        prefix = (tok.bos_token or "") + "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return prefix + response + (tok.eos_token or ""), len(prefix)
-
-    def _half(
-        self, messages, response: str, line_spans, edit_spans, limit: int
-    ) -> dict[str, list[int]]:
-        text, start = self._render(messages, response)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"][:limit], enc["offset_mapping"][:limit]
-        masks = project(offsets, line_spans, edit_spans, shift=start)
-        in_response = [end > start for _, end in offsets]
-        return {
-            "ids": ids,
-            "response": in_response,
-            "line": masks.line.tolist(),
-            "edit": masks.edit.tolist(),
+    def _half(self, row: dict[str, Any], turns: list[dict[str, Any]], response: str) -> dict:
+        """Axolotl's tokenization of the conversation ending in ``response``, with offsets."""
+        mapping = self.prompter.message_property_mappings
+        answer = {
+            mapping.get("role", "role"): "assistant",
+            mapping.get("content", "content"): response,
         }
+        conversation = {**row, self.prompter.field_messages: [*turns, answer]}
+        tokenized = super()._tokenize_single_prompt(conversation)
+        thread = self.get_conversation_thread(conversation)
+        text = self.prompter.build_prompt_text(thread, tools=self._get_tools(conversation))
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] != tokenized["input_ids"]:
+            raise ContractError(
+                "FGIT cannot align character spans with this chat template: tokenizing its "
+                "rendered text gives other tokens than Axolotl's tokenization. Use a chat "
+                "template whose text round-trips through the tokenizer."
+            )
+        start = text.rfind(response)
+        if start < 0:  # templates that trim the message
+            stripped = response.strip()
+            found = text.rfind(stripped) if stripped else -1
+            if found < 0:
+                raise ContractError(
+                    "the chat template changes the response text, so FGIT's spans cannot be "
+                    "placed on its tokens"
+                )
+            start = found - (len(response) - len(response.lstrip()))
+        return {**tokenized, "offsets": enc["offset_mapping"], "start": start}
 
     def tokenize_prompt(self, prompt: dict[str, Any]) -> dict[str, list[int]]:
         c = self.columns
         if missing := c.missing(prompt):
-            raise ValueError(
+            raise ContractError(
                 f"FGIT dataset lacks columns {missing}; it has {sorted(prompt)}. "
                 "Run fgit-preprocess, or map names under fgit.columns"
             )
-        messages = self._messages(prompt)
-        limit = self.sequence_len // 2  # each half gets half of sequence_len
         spans = row_spans(prompt, c)
-        correct = self._half(
-            messages,
-            prompt[c.correct],
-            spans[c.correct_line_spans],
-            spans[c.correct_edit_spans],
-            limit,
-        )
-        incorrect = self._half(
-            messages,
-            prompt[c.incorrect],
-            spans[c.incorrect_line_spans],
-            spans[c.incorrect_edit_spans],
-            limit,
-        )
-        labels = [t if r else IGNORE_INDEX for t, r in zip(correct["ids"], correct["response"])]
-        n_correct, n_incorrect = len(correct["ids"]), len(incorrect["ids"])
-        in_response = correct["response"] + incorrect["response"]
+        turns = self._prompt_turns(prompt)
+        limit = self.sequence_len // 2  # each half gets half of sequence_len
+        halves = []
+        for side, text, lines, edits in (
+            (Side.CORRECT, prompt[c.correct], c.correct_line_spans, c.correct_edit_spans),
+            (Side.INCORRECT, prompt[c.incorrect], c.incorrect_line_spans, c.incorrect_edit_spans),
+        ):
+            half = self._half(prompt, turns, text)
+            masks = project(half["offsets"][:limit], spans[lines], spans[edits], half["start"])
+            labels = half["labels"][:limit] if side == Side.CORRECT else None
+            halves.append((side, half["input_ids"], labels, masks))
+        ids = [i for _, half_ids, _, _ in halves for i in half_ids[:limit]]
+        (_, correct_ids, labels, correct_masks), (_, incorrect_ids, _, incorrect_masks) = halves
+        n_correct, n_incorrect = min(len(correct_ids), limit), min(len(incorrect_ids), limit)
         return {
-            "input_ids": correct["ids"] + incorrect["ids"],
-            "attention_mask": [1] * (n_correct + n_incorrect),
+            "input_ids": ids,
+            "attention_mask": [1] * len(ids),
             "labels": labels + [IGNORE_INDEX] * n_incorrect,
             "fgit_side": [int(Side.CORRECT)] * n_correct + [int(Side.INCORRECT)] * n_incorrect,
-            # Sensitivity is only meaningful on response tokens; prompt tokens stay 0.
-            "fgit_line": [v * r for v, r in zip(correct["line"] + incorrect["line"], in_response)],
-            "fgit_edit": [v * r for v, r in zip(correct["edit"] + incorrect["edit"], in_response)],
+            "fgit_line": [*correct_masks.line.tolist(), *incorrect_masks.line.tolist()],
+            "fgit_edit": [*correct_masks.edit.tolist(), *incorrect_masks.edit.tolist()],
+            TRUNCATED_COLUMN: int(max(len(correct_ids), len(incorrect_ids)) > limit),
         }
 
 
-def load(tokenizer, cfg, ds_cfg: dict[str, Any] | None = None) -> FGITPromptStrategy:
-    """Entry point Axolotl calls for ``type: axolotl_fgit.strategy``."""
-    return FGITPromptStrategy(tokenizer, fgit_config(cfg).columns, cfg["sequence_len"])
+class FGITStrategyLoader(StrategyLoader):
+    """Builds the strategy from the ``datasets:`` entry exactly as ``type: chat_template``."""
+
+    def _get_strategy_cls(self, cfg):
+        return FGITChatTemplateStrategy
+
+    def _get_strategy_params(self, cfg, ds_cfg: dict[str, Any]):
+        columns = dataset_columns(fgit_config(cfg).columns, ds_cfg)
+        return {**super()._get_strategy_params(cfg, ds_cfg), "columns": columns}
+
+    def __call__(self, tokenizer, cfg, ds_cfg=None, processor=None):
+        if not (cfg.get("fgit") if hasattr(cfg, "get") else getattr(cfg, "fgit", None)):
+            raise ValueError(
+                "datasets: type axolotl_fgit.strategy needs the FGIT plugin and its config; add "
+                f"plugins: [{PLUGIN}] and an fgit: block (for example fgit: {{alpha: 2.0}})"
+            )
+        ds = ds_cfg.model_dump() if isinstance(ds_cfg, BaseModel) else dict(ds_cfg or {})
+        if not ds.get("field_messages"):
+            ds["field_messages"] = fgit_config(cfg).columns.messages
+        return super().__call__(tokenizer, cfg, ds_cfg=ds, processor=processor)
+
+
+load = FGITStrategyLoader()
+
+
+def pair_strategy(
+    tokenizer,
+    sequence_len: int,
+    *,
+    fgit: dict[str, Any] | None = None,
+    dataset: dict[str, Any] | None = None,
+    **cfg: Any,
+) -> FGITChatTemplateStrategy:
+    """The strategy outside ``axolotl train`` (``fgit-eval``, benchmarks), from the same
+    settings a config would give: the ``fgit:`` block, a ``datasets:`` entry, top-level keys."""
+    from axolotl.utils.dict import DictDefault
+
+    block = FGITConfig(**(fgit or {})).model_dump()
+    settings = DictDefault({"sequence_len": sequence_len, "fgit": block, **cfg})
+    return load(tokenizer, settings, ds_cfg=dataset or {})

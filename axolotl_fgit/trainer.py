@@ -11,16 +11,52 @@ covers both halves of every pair; when the incorrect half needs no gradient
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import cached_property
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
+from axolotl.utils.logging import get_logger
 
 from axolotl_fgit.args import FGITConfig, Weighting, fgit_config
-from axolotl_fgit.contract import TOKEN_COLUMNS, Side
+from axolotl_fgit.contract import TOKEN_COLUMNS, TRUNCATED_COLUMN, Side
 from axolotl_fgit.loss import FlatBatch, LossParts, SideTokens, fgit_loss, flatten
-from axolotl_fgit.projection import forward_logprobs
+from axolotl_fgit.projection import Wanted, causal_lm, check_fidelity, forward_logprobs
 
+LOG = get_logger(__name__)
 METRICS = ("Hc", "Ha", "weight", "pair_acc", "sensitive_frac")
+
+
+def layout(flat: FlatBatch, part: torch.Tensor, one_row: bool) -> tuple[torch.Tensor, ...]:
+    """Place the ``part`` tokens in ``[rows, length]`` tensors: ids, positions, row, column.
+
+    ``one_row`` packs everything into a single row (flash-attention's varlen path needs
+    batch size 1); otherwise each batch row stays a row, so SDPA and eager attention build
+    per-row masks (rows × length²) instead of one mask over the whole micro-batch.
+    """
+    ids, pos = flat.ids[part], flat.pos[part]
+    row = torch.zeros_like(ids) if one_row else torch.unique(flat.row[part], return_inverse=True)[1]
+    n_rows = int(row.max()) + 1 if row.numel() else 1
+    counts = torch.bincount(row, minlength=n_rows)
+    col = torch.arange(ids.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[row]
+    shape = (n_rows, int(counts.max()) if row.numel() else 0)
+    ids2d = ids.new_zeros(shape).index_put_((row, col), ids)
+    pos2d = pos.new_zeros(shape).index_put_((row, col), pos)
+    return ids2d, pos2d, row, col
+
+
+def wanted(
+    flat: FlatBatch, part: torch.Tensor, selections: list[torch.Tensor], one_row: bool
+) -> Wanted:
+    """One forward over the ``part`` tokens that predicts every selected token."""
+    ids, pos, row, col = layout(flat, part, one_row)
+    index = torch.cumsum(part.long(), 0) - 1  # position of each token inside ``part``
+    sel = index[torch.cat([s.nonzero().squeeze(1) for s in selections])]
+    return Wanted(ids, pos, row[sel], col[sel] - 1, ids[row[sel], col[sel]])
+
+
+def one_row_attention(model) -> bool:
+    """Flash-attention's varlen path needs all sequences in one row (batch size 1)."""
+    return "flash" in str(causal_lm(model).config._attn_implementation)
 
 
 def pair_logprobs(
@@ -28,18 +64,11 @@ def pair_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p`` of the correct response tokens and of the incorrect sensitive tokens."""
     sel_c, sel_a = flat.correct_tokens, flat.incorrect_sensitive
+    one_row = one_row_attention(model)
 
     def run(part: torch.Tensor, selections: list[torch.Tensor]) -> list[torch.Tensor]:
-        index = torch.cumsum(part.long(), 0) - 1  # position of each token inside ``part``
-        sel = torch.cat([s.nonzero().squeeze(1) for s in selections])
-        logp = forward_logprobs(
-            model,
-            flat.ids[part],
-            flat.pos[part],
-            index[sel] - 1,
-            flat.ids[sel],
-            cfg.logprob_chunk_size,
-        )
+        want = wanted(flat, part, selections, one_row)
+        logp = forward_logprobs(model, want, cfg.logprob_chunk_size)
         return list(logp.split([int(s.sum()) for s in selections]))
 
     if not incorrect_without_grad:
@@ -69,17 +98,58 @@ def batch_loss(
     return fgit_loss(correct, incorrect, flat.n_samples, num_items_in_batch, cfg)
 
 
+def verify_fidelity(model, inputs: dict[str, torch.Tensor], cfg: FGITConfig) -> float:
+    """Check FGIT's log-probs against the model's own logits on this batch (see
+    ``projection.check_fidelity``); raises ``FidelityError`` on a mismatch."""
+    flat = flatten(inputs, cfg.granularity)
+    part = torch.ones_like(flat.correct_tokens)
+    want = wanted(flat, part, [flat.correct_tokens], one_row_attention(model))
+    return check_fidelity(model, want, cfg.logprob_chunk_size)
+
+
+def check_truncation(dataset, name: str, cfg: FGITConfig, sequence_len: int) -> int:
+    """Log how many pairs had a half cut at ``sequence_len / 2``; refuse above the limit."""
+    if dataset is None or TRUNCATED_COLUMN not in getattr(dataset, "column_names", ()):
+        return 0
+    cut, total = int(sum(dataset[TRUNCATED_COLUMN])), len(dataset)
+    if cut:
+        LOG.warning(
+            "FGIT: %d of %d %s pairs had a response half cut at sequence_len / 2 = %d tokens",
+            cut,
+            total,
+            name,
+            sequence_len // 2,
+        )
+    if total and cut / total > cfg.max_truncated_fraction:
+        raise ValueError(
+            f"fgit: {cut} of {total} {name} pairs ({cut / total:.1%}) were truncated, more than "
+            f"fgit.max_truncated_fraction = {cfg.max_truncated_fraction}; raise sequence_len "
+            f"(now {sequence_len}; each half gets half of it) or fgit.max_truncated_fraction"
+        )
+    return cut
+
+
 class AxolotlFGITTrainer(AxolotlTrainer):
     """``AxolotlTrainer`` whose loss is FGIT's (config from ``axolotl_cfg.fgit``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # we divide by num_items_in_batch ourselves
-        self.fgit = fgit_config(self.axolotl_cfg)
+        self._fidelity_checked = False
         self._fgit_sums: dict[str, dict[str, float]] = {
             "train": defaultdict(float),
             "eval": defaultdict(float),
         }
+
+    @cached_property
+    def fgit(self) -> FGITConfig:
+        """The ``fgit:`` block, parsed once (Axolotl sets ``axolotl_cfg`` after __init__)."""
+        return fgit_config(self.axolotl_cfg)
+
+    def train(self, *args, **kwargs):
+        for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+            check_truncation(dataset, name, self.fgit, self.axolotl_cfg.sequence_len)
+        return super().train(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -89,6 +159,10 @@ class AxolotlFGITTrainer(AxolotlTrainer):
                     self._signature_columns.append(name)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._fidelity_checked:
+            error = verify_fidelity(model, inputs, self.fgit)
+            LOG.info("FGIT log-probs match the model's own logits (max |diff| %.2g)", error)
+            self._fidelity_checked = True
         parts = batch_loss(model, inputs, self.fgit, num_items_in_batch)
         self._record(parts, "train" if model.training else "eval")
         loss = parts.loss

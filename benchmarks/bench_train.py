@@ -102,15 +102,14 @@ def worker(args) -> dict:
 
     from axolotl_fgit.args import FGITConfig
     from axolotl_fgit.collator import FGITPackedDataCollator
-    from axolotl_fgit.contract import Columns
-    from axolotl_fgit.strategy import FGITPromptStrategy
+    from axolotl_fgit.strategy import pair_strategy
     from axolotl_fgit.trainer import batch_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.pad_token = tok.pad_token or tok.eos_token
     rows = datasets.load_from_disk(args.data)
-    strategy = FGITPromptStrategy(tok, Columns(), sequence_len=args.packed_tokens)
+    strategy = pair_strategy(tok, args.packed_tokens)
     feats = [strategy.tokenize_prompt(dict(r)) for r in rows]
     if args.worker == "sft":
         halves = []

@@ -19,8 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from axolotl_fgit.args import FGITConfig
 from axolotl_fgit.collator import FGITPackedDataCollator
-from axolotl_fgit.contract import Columns
-from axolotl_fgit.strategy import FGITPromptStrategy
+from axolotl_fgit.strategy import pair_strategy
 from axolotl_fgit.trainer import batch_loss
 
 PARAMS = ("model.embed_tokens.weight", "model.layers.2.mlp.down_proj.weight", "model.norm.weight")
@@ -29,7 +28,7 @@ PARAMS = ("model.embed_tokens.weight", "model.layers.2.mlp.down_proj.weight", "m
 def global_batch(model_dir: str, data: str, n: int):
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.pad_token or tok.eos_token
-    strategy = FGITPromptStrategy(tok, Columns(), sequence_len=2048)
+    strategy = pair_strategy(tok, 2048)
     rows = datasets.load_from_disk(data).select(range(n))
     return tok, [strategy.tokenize_prompt(dict(r)) for r in rows]
 

@@ -47,7 +47,7 @@ def load(tmp_path, tiny_dir, pairs, **changes):
         output_dir=str(tmp_path / "out"),
     )
     for key, value in changes.items():
-        if key == "fgit":
+        if key == "fgit" and isinstance(value, dict):
             cfg["fgit"] = {**cfg["fgit"], **value}
         else:
             cfg[key] = value
@@ -65,7 +65,12 @@ def test_valid_config_loads_with_defaults(tmp_path, tiny_dir, pairs):
 @pytest.mark.parametrize(
     "changes,expect",
     [
-        ({"fgit": {"alpha": 0.5}}, "fgit.alpha must be >= 1"),
+        ({"fgit": {"alpha": 0.5}}, "fgit.alpha must be a finite number >= 1"),
+        ({"fgit": {"alpha": float("nan")}}, "fgit.alpha must be a finite number >= 1"),
+        ({"fgit": {"alpha": float("inf")}}, "fgit.alpha must be a finite number >= 1"),
+        ({"fgit": "on"}, "fgit: must be a mapping of FGIT settings"),
+        ({"torch_compile": True}, "set torch_compile: false"),
+        ({"fgit": {"max_truncated_fraction": 2}}, "max_truncated_fraction"),
         ({"fgit": {"weighting": "bogus"}}, "dynamic"),
         ({"fgit": {"granularity": "word"}}, "hybrid"),
         ({"fgit": {"alphaa": 2}}, "alphaa"),
@@ -117,3 +122,29 @@ def test_example_configs_have_valid_fgit_blocks(name):
     args = FGITArgs(**{k: v for k, v in cfg.items() if k in ("fgit", "datasets", "plugins")})
     assert args.fgit is not None and cfg["plugins"] == ["axolotl_fgit.FGITPlugin"]
     assert all(d["type"] == "axolotl_fgit.strategy" for d in cfg["datasets"])
+
+
+def test_test_datasets_types_are_checked(tmp_path, tiny_dir, pairs):
+    with pytest.raises(ValueError, match="test_datasets: type \\['alpaca'\\]"):
+        load(tmp_path, tiny_dir, pairs, test_datasets=[{"path": str(pairs), "type": "alpaca"}])
+
+
+def test_dataset_of_another_format_version_is_refused(tmp_path, tiny_dir):
+    from axolotl_fgit.contract import PARAMS_FILE
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / PARAMS_FILE).write_text(json.dumps({"format_version": 0}))
+    with pytest.raises(ValueError, match="format version 0.*rerun fgit-preprocess"):
+        load(tmp_path, tiny_dir, folder)
+
+
+def test_fgit_block_without_the_plugin_stops_at_dataset_loading(tmp_path, tiny_dir, pairs):
+    """Axolotl drops the fgit: block of an unregistered plugin; the strategy then refuses
+    instead of letting plain SFT train under an FGIT config."""
+    from axolotl.common.datasets import load_datasets
+
+    cfg = load(tmp_path, tiny_dir, pairs, plugins=[])
+    assert not cfg.get("fgit")
+    with pytest.raises(ValueError, match="needs the FGIT plugin"):
+        load_datasets(cfg=cfg)

@@ -12,9 +12,8 @@ import torch
 
 from axolotl_fgit.args import FGITConfig
 from axolotl_fgit.collator import FGITDataCollator, FGITPackedDataCollator
-from axolotl_fgit.contract import Columns
 from axolotl_fgit.loss import SideTokens, Strength, fgit_loss, pair_weight, strength, token_weights
-from axolotl_fgit.strategy import FGITPromptStrategy
+from axolotl_fgit.strategy import pair_strategy
 from axolotl_fgit.trainer import batch_loss
 from conftest import SAMPLE_PAIRS
 from fgit_preprocess.diff import pair_spans
@@ -54,7 +53,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def features(rows, tokenizer):
-    strategy = FGITPromptStrategy(tokenizer, Columns(), sequence_len=2048)
+    strategy = pair_strategy(tokenizer, 2048)
     return [strategy.tokenize_prompt(dict(r)) for r in rows]
 
 
@@ -183,7 +182,7 @@ def test_packed_and_padded_give_same_loss_and_gradients(tiny_model, tokenizer, f
 
 
 def test_unrelated_sample_in_the_pack_changes_nothing(tiny_model, tokenizer, rows, features):
-    strategy = FGITPromptStrategy(tokenizer, Columns(), sequence_len=2048)
+    strategy = pair_strategy(tokenizer, 2048)
     other = strategy.tokenize_prompt(
         make_row(
             "Something else entirely.",
@@ -285,3 +284,20 @@ def test_hand_computed_tiny_case():
         cfg,
     )
     assert extremes.tolist() == [1.0, 3.0]  # alpha-1 when it prefers correct, alpha+1 when wrong
+
+
+def test_padded_batches_keep_one_row_per_pair(tiny_model, tokenizer, features):
+    """Without packing each pair is its own attention row (rows × length² masks), not one
+    row of the whole micro-batch; the loss is the same either way."""
+    shapes = []
+    hook = tiny_model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: shapes.append(tuple(inputs[0].shape))
+    )
+    try:
+        with torch.no_grad():
+            padded = batch_loss(tiny_model, collate(features, tokenizer, False), FGITConfig())
+            packed = batch_loss(tiny_model, collate(features, tokenizer, True), FGITConfig())
+    finally:
+        hook.remove()
+    assert shapes[0][0] == len(features) and shapes[1][0] == 1
+    assert abs(padded.loss.item() - packed.loss.item()) < 1e-5

@@ -142,3 +142,79 @@ def test_lora_training_without_packing(tmp_path, smollm2_dir, pairs):
         ).stdout
     )
     assert scored["pairs"] >= 3 and 0 <= scored["pair_acc"] <= 1
+
+
+@pytest.mark.parametrize("train_on_eos", ["turn", "last"])
+def test_sft_weighting_matches_plain_chat_template_training(tmp_path, tiny_dir, train_on_eos):
+    """Same rows, same model, one step: FGIT with weighting: sft trains the same label
+    tokens and logs the same first-step loss as Axolotl's own type: chat_template."""
+    import datasets
+
+    from axolotl_fgit.contract import IGNORE_INDEX, Side
+    from fgit_preprocess.diff import pair_spans
+
+    system = {"role": "system", "content": "You write careful Python."}
+    problems = [json.loads(line) for line in SAMPLE.open()][:6]
+    chat_rows, pair_rows = [], []
+    for i, p in enumerate(problems):
+        turns = [system] * (i % 2) + [{"role": "user", "content": p["instruction"]}]
+        correct = p["response"]
+        incorrect = correct.replace("return", "return not", 1)
+        spans = pair_spans(correct, incorrect)
+        chat_rows.append({"messages": [*turns, {"role": "assistant", "content": correct}]})
+        pair_rows.append(
+            {
+                "messages": turns,
+                "correct": correct,
+                "incorrect": incorrect,
+                "correct_line_spans": spans.correct_line,
+                "correct_edit_spans": spans.correct_edit,
+                "incorrect_line_spans": spans.incorrect_line,
+                "incorrect_edit_spans": spans.incorrect_edit,
+            }
+        )
+    runs = {}
+    for name, rows, extra in (
+        ("sft", chat_rows, {"type": "chat_template"}),
+        ("fgit", pair_rows, {"type": "axolotl_fgit.strategy"}),
+    ):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        cfg = config(
+            run_dir,
+            tiny_dir,
+            data,
+            sample_packing=False,
+            micro_batch_size=len(rows),
+            gradient_accumulation_steps=1,
+            max_steps=1,
+            val_set_size=0,
+            save_steps=1,
+            eval_steps=None,
+            learning_rate=1e-5,
+            fgit={"weighting": "sft"},
+            datasets=[{"path": str(data), "train_on_eos": train_on_eos, **extra}],
+        )
+        if name == "sft":
+            text = yaml.safe_load(cfg.read_text())
+            del text["plugins"], text["fgit"]
+            cfg.write_text(yaml.safe_dump(text))
+        axolotl_train(cfg)
+        runs[name] = history(run_dir / "out" / "checkpoint-1")[0]["loss"], run_dir
+    assert runs["fgit"][0] == pytest.approx(runs["sft"][0], abs=1e-4), runs
+
+    def label_count(run_dir: Path) -> int:
+        """Trained tokens of the correct responses in the dataset Axolotl prepared."""
+        files = sorted((run_dir / "prepared").rglob("data-*.arrow"))
+        table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+        count = 0
+        for row in table:
+            sides = row.get("fgit_side") or [Side.CORRECT] * len(row["labels"])
+            count += sum(
+                lab != IGNORE_INDEX and s == Side.CORRECT for lab, s in zip(row["labels"], sides)
+            )
+        return count
+
+    assert label_count(runs["fgit"][1]) == label_count(runs["sft"][1]) > 0
