@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from axolotl_fgit.contract import Columns, ContractError, read_params
+from axolotl_fgit.kernels import kernel_problems
 
 LOG = logging.getLogger("axolotl_fgit")
 PLUGIN = "axolotl_fgit.FGITPlugin"
@@ -166,6 +167,7 @@ class FGITArgs(BaseModel):
                 "FGIT projects hidden states in per-rank chunks; use ZeRO-2 or "
                 "FSDP (fsdp_version: 2)"
             )
+        problems += kernel_problems(data)
         if _get(data, "torch_compile"):
             problems.append(
                 "torch_compile: FGIT swaps the output head for chunked log-probs inside the "

@@ -5,6 +5,10 @@ from __future__ import annotations
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
+from axolotl_fgit.compat import require_axolotl
+
+require_axolotl()
+
 LOG = get_logger(__name__)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
+from axolotl_fgit.kernels import Kernel, fused_logprobs
 
 
 class FidelityError(RuntimeError):
@@ -43,57 +43,76 @@ def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
 
 
 @dataclass(frozen=True)
-class _PostHead:
-    """A logit transform some models apply after the head, and how to switch it off."""
+class _Knob:
+    """A model parameter that transforms logits after the head, and its no-op value."""
 
-    name: str  # attribute holding the parameter
+    name: str
     on_module: bool  # read from the model module (else from its config / text config)
-    neutral: Any  # value that makes the model's own transform a no-op
-    apply: Callable[[torch.Tensor, float], torch.Tensor]
+    neutral: Any
+    kind: str  # "softcap", "divide" or "multiply"
 
 
-POST_HEAD = (
-    _PostHead("final_logit_softcapping", False, None, lambda x, c: torch.tanh(x / c) * c),
-    _PostHead("logits_scaling", False, 1.0, lambda x, s: x / s),
-    _PostHead("logit_scale", True, 1.0, lambda x, s: x * s),
+KNOBS = (
+    _Knob("final_logit_softcapping", False, None, "softcap"),  # Gemma-2/3
+    _Knob("logits_scaling", False, 1.0, "divide"),  # Granite
+    _Knob("logit_scale", True, 1.0, "multiply"),  # Cohere
 )
 
 
-def _owners(lm: PreTrainedModel, spec: _PostHead) -> list[Any]:
-    if spec.on_module:
+@dataclass(frozen=True)
+class PostHead:
+    """What a model does to its head's output: multiply by ``scale``, then soft-cap."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _owners(lm: PreTrainedModel, knob: _Knob) -> list[Any]:
+    if knob.on_module:
         return [lm]
     configs = [lm.config, lm.config.get_text_config()]
     return [c for i, c in enumerate(configs) if c not in configs[:i]]
 
 
-def post_head_transforms(lm: PreTrainedModel) -> list[Transform]:
-    """The logit transforms ``lm``'s forward applies after its head, in order."""
-    out = []
-    for spec in POST_HEAD:
-        values = {getattr(o, spec.name, None) for o in _owners(lm, spec)} - {None}
+def post_head(lm: PreTrainedModel) -> PostHead:
+    """The logit transforms ``lm``'s forward applies after its head."""
+    scale, softcap = 1.0, None
+    for knob in KNOBS:
+        values = {getattr(o, knob.name, None) for o in _owners(lm, knob)} - {None}
         if len(values) > 1:
-            raise FidelityError(f"{type(lm).__name__} has two values of {spec.name}: {values}")
-        if values and (value := values.pop()) != spec.neutral:
-            out.append(lambda x, spec=spec, value=float(value): spec.apply(x, value))
-    return out
+            raise FidelityError(f"{type(lm).__name__} has two values of {knob.name}: {values}")
+        if not values or (value := values.pop()) == knob.neutral:
+            continue
+        if knob.kind == "softcap":
+            softcap = float(value)
+        else:
+            scale *= float(value) if knob.kind == "multiply" else 1.0 / float(value)
+    return PostHead(scale, softcap)
 
 
 @contextmanager
 def _switched_off(lm: PreTrainedModel) -> Iterator[None]:
     """Set every known post-head parameter to its no-op value; restore it on exit."""
     saved = [
-        (o, s, getattr(o, s.name))
-        for s in POST_HEAD
-        for o in _owners(lm, s)
-        if getattr(o, s.name, None) is not None
+        (o, k, getattr(o, k.name))
+        for k in KNOBS
+        for o in _owners(lm, k)
+        if getattr(o, k.name, None) is not None
     ]
     try:
-        for owner, spec, _ in saved:
-            setattr(owner, spec.name, spec.neutral)
+        for owner, knob, _ in saved:
+            setattr(owner, knob.name, knob.neutral)
         yield
     finally:
-        for owner, spec, value in saved:
-            setattr(owner, spec.name, value)
+        for owner, knob, value in saved:
+            setattr(owner, knob.name, value)
 
 
 def _chunk_logprobs(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -141,13 +160,18 @@ def accepts_logits_to_keep(lm: PreTrainedModel) -> bool:
 
 @contextmanager
 def logprob_head(
-    model: torch.nn.Module, want: Wanted, keep: torch.Tensor, chunk_size: int
+    model: torch.nn.Module,
+    want: Wanted,
+    keep: torch.Tensor,
+    chunk_size: int,
+    kernel: Kernel = Kernel.chunked,
 ) -> Iterator[None]:
     """Inside the block, the model's output head returns ``log p(targets)``, not logits.
 
     The head gets the hidden states of the ``keep`` columns (``logits_to_keep``) or, from a
     model without that argument, of every column, and picks the wanted ones itself. Post-head
-    transforms run inside the projection and are switched off in the model. The head's own
+    transforms run inside the projection (or the fused ``kernel``) and are switched off in
+    the model. The head's own
     forward (an instance-level one too, as accelerate's hooks install) is restored on every
     exit path, exceptions included.
     """
@@ -155,13 +179,10 @@ def logprob_head(
     head = lm.get_output_embeddings()
     own = head.__dict__.get("forward")
     project = own or head.forward
-    transforms = post_head_transforms(lm)
+    post = post_head(lm)
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = project(hidden)
-        for transform in transforms:
-            out = transform(out)
-        return out
+        return post.apply(project(hidden))
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[1] == keep.numel():
@@ -174,6 +195,10 @@ def logprob_head(
                 f"positions, neither the {keep.numel()} asked for nor all "
                 f"{want.ids.shape[1]}"
             )
+        if kernel != Kernel.chunked:
+            return fused_logprobs(kernel, picked, head, want.targets, post.scale, post.softcap)[
+                None
+            ]
         return token_logprobs(picked, logits, want.targets, chunk_size)[None]
 
     with ExitStack() as stack:
@@ -188,7 +213,9 @@ def logprob_head(
                 head.forward = own
 
 
-def forward_logprobs(model: torch.nn.Module, want: Wanted, chunk_size: int) -> torch.Tensor:
+def forward_logprobs(
+    model: torch.nn.Module, want: Wanted, chunk_size: int, kernel: Kernel = Kernel.chunked
+) -> torch.Tensor:
     """One forward over ``want.ids``; return ``log p(want.targets)``, one per wanted token."""
     keep = torch.unique(want.col)
     kwargs: dict[str, Any] = {
@@ -199,12 +226,18 @@ def forward_logprobs(model: torch.nn.Module, want: Wanted, chunk_size: int) -> t
     }
     if accepts_logits_to_keep(causal_lm(model)):
         kwargs["logits_to_keep"] = keep
-    with logprob_head(model, want, keep, chunk_size):
+    with logprob_head(model, want, keep, chunk_size, kernel):
         out = model(**kwargs)
     return out["logits"][0]
 
 
-def check_fidelity(model: torch.nn.Module, want: Wanted, chunk_size: int, n: int = 8) -> float:
+def check_fidelity(
+    model: torch.nn.Module,
+    want: Wanted,
+    chunk_size: int,
+    kernel: Kernel = Kernel.chunked,
+    n: int = 8,
+) -> float:
     """Compare FGIT's log-probs with ``log_softmax`` of the model's own logits at ``n`` tokens.
 
     Runs without gradients and in eval mode (dropout off), then restores the mode. Raises
@@ -236,7 +269,7 @@ def check_fidelity(model: torch.nn.Module, want: Wanted, chunk_size: int, n: int
     model.eval()
     try:
         with torch.no_grad():
-            ours = forward_logprobs(model, probe, chunk_size)
+            ours = forward_logprobs(model, probe, chunk_size, kernel)
             logits = model(**kwargs)["logits"][0].float()
     finally:
         model.train(training)
@@ -250,6 +283,6 @@ def check_fidelity(model: torch.nn.Module, want: Wanted, chunk_size: int, n: int
             f"FGIT's log-probs for {type(lm).__name__} differ from log_softmax of the model's "
             f"own logits by {error:.3g} (tolerance {tolerance:g}): its forward transforms logits "
             "in a way axolotl-fgit does not know, so the FGIT loss would be wrong. Known "
-            f"transforms: {', '.join(s.name for s in POST_HEAD)}. Please report the model class."
+            f"transforms: {', '.join(k.name for k in KNOBS)}. Please report the model class."
         )
     return error

@@ -17,7 +17,14 @@ from dataclasses import replace
 from typing import Any
 
 try:
-    from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy, StrategyLoader
+    from axolotl_fgit.compat import require_axolotl
+
+    require_axolotl()
+    from axolotl.prompt_strategies.chat_template import (
+        ChatTemplatePrompter,
+        ChatTemplateStrategy,
+        StrategyLoader,
+    )
     from axolotl.utils.logging import get_logger
     from pydantic import BaseModel
 
@@ -40,6 +47,8 @@ except ModuleNotFoundError as err:
     ) from err
 
 LOG = get_logger(__name__)
+# Axolotl >= 0.19 renders a conversation to text itself; 0.18 gets the same call here.
+RENDERS_TEXT = hasattr(ChatTemplatePrompter, "build_prompt_text")
 
 
 def dataset_columns(columns: Columns, ds_cfg: Any) -> Columns:
@@ -81,6 +90,21 @@ class FGITChatTemplateStrategy(ChatTemplateStrategy):
             f"turns; columns present: {sorted(row)}"
         )
 
+    def _render(self, thread: list[dict[str, Any]], tools: list[dict] | None) -> str:
+        """The conversation as the text Axolotl's tokenization renders (no processor)."""
+        if self.prompter.processor is not None:
+            raise ContractError("FGIT pairs are text only; remove processor_type from the config")
+        if RENDERS_TEXT:
+            return self.prompter.build_prompt_text(thread, tools=tools)
+        kwargs = {
+            "chat_template": self.prompter.chat_template,
+            "add_generation_prompt": False,
+            **self.prompter.chat_template_kwargs,
+        }
+        return self.tokenizer.apply_chat_template(
+            thread, tokenize=False, **kwargs, **({"tools": tools} if tools else {})
+        )
+
     def _half(self, row: dict[str, Any], turns: list[dict[str, Any]], response: str) -> dict:
         """Axolotl's tokenization of the conversation ending in ``response``, with offsets."""
         mapping = self.prompter.message_property_mappings
@@ -91,7 +115,7 @@ class FGITChatTemplateStrategy(ChatTemplateStrategy):
         conversation = {**row, self.prompter.field_messages: [*turns, answer]}
         tokenized = super()._tokenize_single_prompt(conversation)
         thread = self.get_conversation_thread(conversation)
-        text = self.prompter.build_prompt_text(thread, tools=self._get_tools(conversation))
+        text = self._render(thread, self._get_tools(conversation))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if enc["input_ids"] != tokenized["input_ids"]:
             raise ContractError(

@@ -19,6 +19,7 @@ from axolotl.utils.logging import get_logger
 
 from axolotl_fgit.args import FGITConfig, Weighting, fgit_config
 from axolotl_fgit.contract import TOKEN_COLUMNS, TRUNCATED_COLUMN, Side
+from axolotl_fgit.kernels import Kernel, describe, requested_kernel
 from axolotl_fgit.loss import FlatBatch, LossParts, SideTokens, fgit_loss, flatten
 from axolotl_fgit.projection import Wanted, causal_lm, check_fidelity, forward_logprobs
 
@@ -60,7 +61,12 @@ def one_row_attention(model) -> bool:
 
 
 def pair_logprobs(
-    model, flat: FlatBatch, cfg: FGITConfig, incorrect_without_grad: bool
+    model,
+    flat: FlatBatch,
+    cfg: FGITConfig,
+    incorrect_without_grad: bool,
+    *,
+    kernel: Kernel = Kernel.chunked,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p`` of the correct response tokens and of the incorrect sensitive tokens."""
     sel_c, sel_a = flat.correct_tokens, flat.incorrect_sensitive
@@ -68,7 +74,7 @@ def pair_logprobs(
 
     def run(part: torch.Tensor, selections: list[torch.Tensor]) -> list[torch.Tensor]:
         want = wanted(flat, part, selections, one_row)
-        logp = forward_logprobs(model, want, cfg.logprob_chunk_size)
+        logp = forward_logprobs(model, want, cfg.logprob_chunk_size, kernel)
         return list(logp.split([int(s.sum()) for s in selections]))
 
     if not incorrect_without_grad:
@@ -80,7 +86,12 @@ def pair_logprobs(
 
 
 def batch_loss(
-    model, inputs: dict[str, torch.Tensor], cfg: FGITConfig, num_items_in_batch=None
+    model,
+    inputs: dict[str, torch.Tensor],
+    cfg: FGITConfig,
+    num_items_in_batch=None,
+    *,
+    kernel: Kernel = Kernel.chunked,
 ) -> LossParts:
     """FGIT's loss for one collated micro-batch (what ``compute_loss`` returns)."""
     flat = flatten(inputs, cfg.granularity)
@@ -91,20 +102,26 @@ def batch_loss(
         and model.training
         and (cfg.detach_weights or cfg.weighting != Weighting.dynamic)
     )
-    logp_c, logp_a = pair_logprobs(model, flat, cfg, no_grad_incorrect)
+    logp_c, logp_a = pair_logprobs(model, flat, cfg, no_grad_incorrect, kernel=kernel)
     sel_c, sel_a = flat.correct_tokens, flat.incorrect_sensitive
     correct = SideTokens(logp_c, flat.v[sel_c], flat.sample[sel_c])
     incorrect = SideTokens(logp_a, flat.v[sel_a], flat.sample[sel_a])
     return fgit_loss(correct, incorrect, flat.n_samples, num_items_in_batch, cfg)
 
 
-def verify_fidelity(model, inputs: dict[str, torch.Tensor], cfg: FGITConfig) -> float:
+def verify_fidelity(
+    model,
+    inputs: dict[str, torch.Tensor],
+    cfg: FGITConfig,
+    *,
+    kernel: Kernel = Kernel.chunked,
+) -> float:
     """Check FGIT's log-probs against the model's own logits on this batch (see
     ``projection.check_fidelity``); raises ``FidelityError`` on a mismatch."""
     flat = flatten(inputs, cfg.granularity)
     part = torch.ones_like(flat.correct_tokens)
     want = wanted(flat, part, [flat.correct_tokens], one_row_attention(model))
-    return check_fidelity(model, want, cfg.logprob_chunk_size)
+    return check_fidelity(model, want, cfg.logprob_chunk_size, kernel)
 
 
 def check_truncation(dataset, name: str, cfg: FGITConfig, sequence_len: int) -> int:
@@ -146,6 +163,11 @@ class AxolotlFGITTrainer(AxolotlTrainer):
         """The ``fgit:`` block, parsed once (Axolotl sets ``axolotl_cfg`` after __init__)."""
         return fgit_config(self.axolotl_cfg)
 
+    @cached_property
+    def kernel(self) -> Kernel:
+        """The fused kernel the config turned on for SFT, if any (see ``kernels``)."""
+        return requested_kernel(self.axolotl_cfg)
+
     def train(self, *args, **kwargs):
         for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_truncation(dataset, name, self.fgit, self.axolotl_cfg.sequence_len)
@@ -160,10 +182,11 @@ class AxolotlFGITTrainer(AxolotlTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._fidelity_checked:
-            error = verify_fidelity(model, inputs, self.fgit)
+            LOG.info("FGIT log-probs: %s", describe(self.kernel, self.fgit.logprob_chunk_size))
+            error = verify_fidelity(model, inputs, self.fgit, kernel=self.kernel)
             LOG.info("FGIT log-probs match the model's own logits (max |diff| %.2g)", error)
             self._fidelity_checked = True
-        parts = batch_loss(model, inputs, self.fgit, num_items_in_batch)
+        parts = batch_loss(model, inputs, self.fgit, num_items_in_batch, kernel=self.kernel)
         self._record(parts, "train" if model.training else "eval")
         loss = parts.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -7,6 +7,8 @@ commands, so ``--help`` answers at once.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -65,7 +67,16 @@ TokenizerOpt = typer.Option(
     "(correct_hybrid, incorrect_hybrid) for this tokenizer (name or "
     "local path), for inspection.",
 )
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output directory.")
+OverwriteOpt = typer.Option(
+    False, "--overwrite", help="Replace an existing output directory (its old files go too)."
+)
+LimitOpt = typer.Option(None, min=1, help="Use only the first N rows: a cheap trial run.")
+PushOpt = typer.Option(
+    None,
+    "--push-to-hub",
+    help="Also upload the finished dataset (data, README.md card, report) to this Hub "
+    "dataset repo (needs HF_TOKEN). The card is always written locally.",
+)
 
 
 def _setup_logging() -> None:
@@ -84,9 +95,58 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path, overwrite: bool, input: str) -> None:
+    """Refuse, before any work, an output that cannot or must not be written."""
+    import datasets
+
+    datasets.disable_caching()  # map() caches go to a temporary folder, never the input's
+    source = Path(input).resolve()
+    target = output.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        _fail(f"--output {output} overlaps --input {input}; write the dataset elsewhere")
+    if output.exists() and not output.is_dir():
+        _fail(f"--output {output} is a file; pass a directory path")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        _fail(f"--output {output}: {parent} is not writable")
     if output.exists() and any(output.iterdir()) and not overwrite:
         _fail(f"{output} exists and is not empty; pass --overwrite to replace it")
+
+
+def _limited(ds, limit: int | None):
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
+
+
+def _push(output: Path, repo: str | None) -> None:
+    if repo:
+        from fgit_preprocess.card import push_to_hub
+
+        try:
+            url = push_to_hub(output, repo)
+        except Exception as err:  # the Hub client raises many types; the data is safe locally
+            _fail(
+                f"--push-to-hub {repo} failed ({type(err).__name__}: {err}); the dataset is "
+                f"complete in {output}, push it later with huggingface-cli upload"
+            )
+        typer.echo(f"pushed to {url}")
+
+
+def _resume_command(max_cost: float) -> str:
+    """The command line that resumes a budget stop: the same, with twice the budget."""
+    args, out, skip = sys.argv[1:], [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == "--max-cost" and i + 1 < len(args):
+            out += ["--max-cost", f"{2 * max_cost:g}"]
+            skip = True
+        elif arg.startswith("--max-cost="):
+            out.append(f"--max-cost={2 * max_cost:g}")
+        else:
+            out.append(arg)
+    return shlex.join(["fgit-preprocess", *out])
 
 
 def _load_tokenizer(name: str | None):
@@ -94,7 +154,10 @@ def _load_tokenizer(name: str | None):
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        _fail(f"--tokenizer {name} cannot be loaded: {err}")
     if not tok.is_fast:
         _fail(f"--tokenizer {name} has no fast tokenizer; offset mappings need one")
     return tok
@@ -114,19 +177,21 @@ def masks(
     diff_scope: str = ScopeOpt,
     tokenizer: str | None = TokenizerOpt,
     num_proc: int = NumProcOpt,
+    limit: int | None = LimitOpt,
     overwrite: bool = OverwriteOpt,
+    push_to_hub: str | None = PushOpt,
 ) -> None:
     """Mark error-sensitive segments in a dataset that already pairs correct and incorrect
     responses; write the Arrow dataset, report.json and the rejects file."""
     _setup_logging()
-    from fgit_preprocess.pipeline import MaskFn, compute_masks, save
+    from fgit_preprocess.pipeline import EmptyOutput, MaskFn, compute_masks, save
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
 
     if diff_scope not in ("code", "response"):
         _fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, input)
     try:
-        ds = load_rows(input, split)
+        ds, bad_lines = load_rows(input, split)
         fields = resolve_fields(
             ds.column_names,
             prompt_field,
@@ -137,6 +202,7 @@ def masks(
         )
     except InputError as err:
         _fail(str(err))
+    ds = _limited(ds, limit)
     fn = MaskFn(fields, diff_scope, _load_tokenizer(tokenizer))
     kept, rejected = compute_masks(ds, fn, num_proc)
     params = {
@@ -147,8 +213,12 @@ def masks(
         "fields": vars(fields),
         "tokenizer": tokenizer,
     }
-    report = save(kept, rejected, output, params)
+    try:
+        report = save(kept, rejected, output, params, extra_rejects=bad_lines)
+    except EmptyOutput as err:
+        _fail(str(err))
     _print_report(report, output)
+    _push(output, push_to_hub)
 
 
 @app.command()
@@ -215,11 +285,22 @@ def run(
     correct_field: str | None = CorrectOpt,
     diff_scope: str = ScopeOpt,
     num_proc: int = NumProcOpt,
+    tests_field: str | None = typer.Option(
+        None,
+        help="Column with each row's tests (Python asserts or a test harness). The correct "
+        "response and every candidate variant run against them in a sandbox (rlimits, "
+        "timeout, no network, empty directory, clean environment): variants that pass are "
+        "rejected as 'equivalent', rows whose correct response fails as 'bad-reference'; "
+        "report.json gives the kill rate.",
+    ),
+    limit: int | None = LimitOpt,
     overwrite: bool = OverwriteOpt,
+    push_to_hub: str | None = PushOpt,
 ) -> None:
     """Generate similar-but-wrong variants with a teacher, keep the closest valid one per
     row, mark error-sensitive segments and write the Arrow dataset plus report.json."""
     _setup_logging()
+    from fgit_preprocess.pipeline import EmptyOutput
     from fgit_preprocess.run import BudgetStop, RunOptions, generate
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
     from fgit_preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
@@ -230,13 +311,18 @@ def run(
         _fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
     if diff_scope not in ("code", "response"):
         _fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, input)
     try:
         template = load_template(prompt_template)
-        ds = load_rows(input, split)
+        ds, bad_lines = load_rows(input, split)
         fields = resolve_fields(ds.column_names, prompt_field, correct_field, None, messages_field)
     except (InputError, ValueError, OSError) as err:
         _fail(str(err))
+    if tests_field and tests_field not in ds.column_names:
+        _fail(
+            f"--tests-field {tests_field!r} is not a column; columns: {', '.join(ds.column_names)}"
+        )
+    ds = _limited(ds, limit)
     settings = TeacherSettings(
         model=teacher,
         num_variants=num_variants,
@@ -259,23 +345,29 @@ def run(
         diff_scope=diff_scope,
         seed=seed,
         num_proc=num_proc,
-        extra_params={"input": input, "split": split},
+        tests_field=tests_field,
+        extra_params={"input": input, "split": split, "limit": limit},
     )
     try:
-        report = generate(ds, fields, output, opts)
+        report = generate(ds, fields, output, opts, bad_lines)
     except TeacherFatal as err:
         _fail(f"the teacher refused the run, stopping at once: {err}")
     except BudgetStop as err:
-        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            f"{err}\nTo resume: {_resume_command(max_cost)}", fg=typer.colors.YELLOW, err=True
+        )
         raise typer.Exit(3) from None
-    except RuntimeError as err:
+    except (EmptyOutput, RuntimeError, OSError) as err:
         _fail(str(err))
     _print_report(report, output)
+    _push(output, push_to_hub)
 
 
 def _print_report(report: dict, output: Path) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from fgit_preprocess.card import format_usd
 
     table = Table(title=f"fgit-preprocess → {output}")
     table.add_column("what")
@@ -287,7 +379,12 @@ def _print_report(report: dict, output: Path) -> None:
     for reason, n in report.get("variant_rejects_by_reason", {}).items():
         table.add_row(f"variant rejected: {reason}", str(n))
     if "teacher" in report:
-        table.add_row("teacher cost (USD)", f"{report['teacher'].get('cost_usd', 0):.4f}")
+        table.add_row("teacher retries", str(report["teacher"].get("retries", 0)))
+        table.add_row("teacher cost", format_usd(report["teacher"].get("cost_usd", 0)))
+    if "tests" in report:
+        tests = report["tests"]
+        rate = "n/a" if tests["kill_rate"] is None else f"{tests['kill_rate']:.1%}"
+        table.add_row("variants failing their tests (kill rate)", rate)
     Console(stderr=True).print(table)
 
 
@@ -307,11 +404,20 @@ def inspect(
 
     import datasets
 
+    from axolotl_fgit.contract import DEFAULT_COLUMNS, ContractError, read_params
     from fgit_preprocess.inspection import render, summary
 
     if not (input / "state.json").exists():
         _fail(f"{input} is not a dataset written by fgit-preprocess (no state.json)")
-    ds = datasets.load_from_disk(str(input))
+    if html.is_dir():
+        _fail(f"--html {html} is a directory; pass a file path such as {html / 'pairs.html'}")
+    try:
+        read_params(input)
+        ds = datasets.load_from_disk(str(input))
+    except (ContractError, OSError, ValueError) as err:
+        _fail(f"{input} cannot be read as FGIT data: {err}")
+    if missing := DEFAULT_COLUMNS.missing(ds.column_names):
+        _fail(f"{input} is not FGIT data: it lacks {missing}; run fgit-preprocess on it")
     if rows:
         try:
             chosen = [int(x) for x in rows.split(",")]

@@ -22,11 +22,14 @@ DiffScope = Literal["code", "response"]
 
 NO_DIFF = "no-diff"
 COSMETIC_DIFF = "cosmetic-diff"
+TOO_LONG = "too-long"
+MAX_RESPONSE_CHARS = 1_000_000  # per response: a longer one is rejected, not diffed
 
-# A fenced block: opening fence (``` or ~~~, 3+), optional info string, body, closing fence.
+# A fenced block: opening fence (``` or ~~~, 3+), optional info string, body, closing fence;
+# lines may end in \r\n (Windows text).
 _FENCE = re.compile(
     r"^(?P<indent>[ \t]{0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^\n`]*)\n(?P<body>.*?)"
-    r"^(?P=indent)(?P=fence)[ \t]*$",
+    r"^(?P=indent)(?P=fence)[ \t]*\r?$",
     re.MULTILINE | re.DOTALL,
 )
 PYTHON_TAGS = frozenset({"python", "py", "python3", "py3"})
@@ -101,31 +104,94 @@ def _line_starts(lines: list[str]) -> list[int]:
     return starts
 
 
+# Above this many lines (each side, after the common head and tail are cut), difflib's
+# worst case (quadratic in repeated lines) is replaced by a bit-parallel edit alignment.
+DIFFLIB_MAX_LINES = 2000
+
+
+def _line_id(n: int) -> str:
+    """A distinct character per distinct line (surrogate code points skipped)."""
+    return chr(n + 0x100 if n + 0x100 < 0xD800 else n + 0x900)
+
+
+def _changed_line_blocks(a_lines: list[str], c_lines: list[str]) -> list[tuple[int, ...]]:
+    """``(i1, i2, j1, j2)`` blocks of lines that differ, ``incorrect → correct``.
+
+    The common head and tail are cut first (a near miss differs in a few lines), so the
+    alignment only sees the middle. difflib aligns it, unless it is longer than
+    ``DIFFLIB_MAX_LINES``: then Levenshtein opcodes over line ids, which stay near linear
+    on repeated or blank-separated lines where difflib takes minutes.
+    """
+    head = 0
+    while head < min(len(a_lines), len(c_lines)) and a_lines[head] == c_lines[head]:
+        head += 1
+    tail = 0
+    while (
+        tail < min(len(a_lines), len(c_lines)) - head and a_lines[-1 - tail] == c_lines[-1 - tail]
+    ):
+        tail += 1
+    a_mid, c_mid = a_lines[head : len(a_lines) - tail], c_lines[head : len(c_lines) - tail]
+    if max(len(a_mid), len(c_mid)) <= DIFFLIB_MAX_LINES:
+        ops = difflib.SequenceMatcher(None, a_mid, c_mid, autojunk=False).get_opcodes()
+    else:
+        ids: dict[str, str] = {}
+        a_ids = "".join(ids.setdefault(line, _line_id(len(ids))) for line in a_mid)
+        c_ids = "".join(ids.setdefault(line, _line_id(len(ids))) for line in c_mid)
+        ops = Levenshtein.opcodes(a_ids, c_ids)
+    return [
+        (i1 + head, i2 + head, j1 + head, j2 + head)
+        for tag, i1, i2, j1, j2 in ops
+        if tag != "equal"
+    ]
+
+
 def line_spans(incorrect: str, correct: str) -> tuple[list[Span], list[Span]]:
-    """difflib line alignment ``incorrect → correct``; lines keep their ``\\n``.
+    """Line alignment ``incorrect → correct``; lines keep their ``\\n``.
 
     Returns ``(incorrect_spans, correct_spans)``: the ``-`` lines of ``incorrect`` and the
     ``+`` lines of ``correct`` as character spans.
     """
     a_lines, c_lines = incorrect.splitlines(keepends=True), correct.splitlines(keepends=True)
     a_at, c_at = _line_starts(a_lines), _line_starts(c_lines)
-    matcher = difflib.SequenceMatcher(None, a_lines, c_lines, autojunk=False)
     a_spans, c_spans = [], []
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag != "equal":
-            a_spans.append((a_at[i1], a_at[i2]))
-            c_spans.append((c_at[j1], c_at[j2]))
+    for i1, i2, j1, j2 in _changed_line_blocks(a_lines, c_lines):
+        a_spans.append((a_at[i1], a_at[i2]))
+        c_spans.append((c_at[j1], c_at[j2]))
     return merge_spans(a_spans), merge_spans(c_spans)
+
+
+# Above this many characters (either side) edits are aligned inside the changed line
+# blocks only, which keeps long files near linear.
+GLOBAL_EDIT_MAX_CHARS = 20_000
+
+
+def _edit_ops(incorrect: str, correct: str, a0: int = 0, c0: int = 0):
+    for tag, i1, i2, j1, j2 in Levenshtein.opcodes(incorrect, correct):
+        if tag != "equal":
+            yield tag, i1 + a0, i2 + a0, j1 + c0, j2 + c0
 
 
 def edit_spans(incorrect: str, correct: str) -> tuple[list[Span], list[Span]]:
     """Levenshtein edit operations ``incorrect → correct`` as character spans.
 
     Insert marks the position in ``correct``, delete the position in ``incorrect``,
-    replace marks both. Returns ``(incorrect_spans, correct_spans)``.
+    replace marks both. Returns ``(incorrect_spans, correct_spans)``. Long texts are
+    aligned block by block inside their changed lines (``GLOBAL_EDIT_MAX_CHARS``).
     """
+    if max(len(incorrect), len(correct)) <= GLOBAL_EDIT_MAX_CHARS:
+        ops = list(_edit_ops(incorrect, correct))
+    else:
+        a_lines, c_lines = incorrect.splitlines(True), correct.splitlines(True)
+        a_at, c_at = _line_starts(a_lines), _line_starts(c_lines)
+        ops = [
+            op
+            for i1, i2, j1, j2 in _changed_line_blocks(a_lines, c_lines)
+            for op in _edit_ops(
+                incorrect[a_at[i1] : a_at[i2]], correct[c_at[j1] : c_at[j2]], a_at[i1], c_at[j1]
+            )
+        ]
     a_spans, c_spans = [], []
-    for tag, i1, i2, j1, j2 in Levenshtein.opcodes(incorrect, correct):
+    for tag, i1, i2, j1, j2 in ops:
         if tag in ("delete", "replace"):
             a_spans.append((i1, i2))
         if tag in ("insert", "replace"):
@@ -226,8 +292,11 @@ def pair_spans(correct: str, incorrect: str, scope: DiffScope = "code") -> PairS
     """All four span sets of a pair over the full response texts.
 
     Rejects the pair (``reject`` set, spans empty) when the diffed views are identical
-    (``no-diff``) or differ only cosmetically (``cosmetic-diff``).
+    (``no-diff``), differ only cosmetically (``cosmetic-diff``), or a response is longer than
+    ``MAX_RESPONSE_CHARS`` (``too-long``: bounded work per row).
     """
+    if max(len(incorrect), len(correct)) > MAX_RESPONSE_CHARS:
+        return PairSpans(reject=TOO_LONG)
     a_view, c_view = code_view(incorrect, scope), code_view(correct, scope)
     if a_view.text == c_view.text:
         return PairSpans(reject=NO_DIFF)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,11 @@ from typing import Any
 
 from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
 from axolotl_fgit.contract import PARAMS_FILE, params_record, project
+from fgit_preprocess.card import render as render_card
 from fgit_preprocess.diff import DiffScope, pair_spans
 from fgit_preprocess.sources import (
+    REJECT,
+    REJECT_DETAIL,
     REPORT_FILE,
     Fields,
     RowError,
@@ -27,8 +32,6 @@ from fgit_preprocess.sources import (
 )
 
 LOG = logging.getLogger("fgit.preprocess")
-REJECT = "fgit_reject"
-REJECT_DETAIL = "fgit_reject_detail"
 SPAN_COLUMNS = COLS.spans
 HYBRID_COLUMNS = ("correct_hybrid", "incorrect_hybrid")  # optional, for inspection only
 
@@ -48,8 +51,9 @@ class MaskFn:
     def row(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
             out = normalise_row(row, self.fields)
-        except RowError as err:
-            return {REJECT: err.reason, REJECT_DETAIL: str(err)}
+        except RowError as err:  # keep what the row had, so the reject can be traced
+            raw = {f: str(row.get(f))[:500] for f in sorted(self.fields.consumed()) if f in row}
+            return {REJECT: err.reason, REJECT_DETAIL: f"{err}; row: {json.dumps(raw)}"}
         spans = pair_spans(out[COLS.correct], out[COLS.incorrect], self.scope)
         out.update(
             dict(
@@ -97,17 +101,7 @@ def compute_masks(ds, fn: MaskFn, num_proc: int = 1):
     with an output column is replaced, and that is logged.
     """
     outputs = fn.output_columns()
-    consumed = {
-        c
-        for c in (
-            fn.fields.prompt,
-            fn.fields.messages,
-            fn.fields.correct,
-            fn.fields.incorrect,
-            fn.fields.input,
-        )
-        if c
-    }
+    consumed = fn.fields.consumed()
     clash = sorted((set(ds.column_names) - consumed) & set(outputs))
     if clash:
         LOG.warning("input columns %s are replaced by FGIT's columns of the same name", clash)
@@ -146,6 +140,10 @@ def write_rejects(path: Path, rejected, extra: list[dict[str, Any]] = ()) -> Cou
     return counts
 
 
+class EmptyOutput(RuntimeError):
+    """No row survived; nothing that looks like a dataset is written."""
+
+
 def save(
     kept,
     rejected,
@@ -154,10 +152,12 @@ def save(
     report: dict[str, Any] | None = None,
     extra_rejects: list[dict] = (),
 ) -> dict:
-    """Write the Arrow dataset, its parameters, the rejects file and ``report.json``."""
-    output.mkdir(parents=True, exist_ok=True)
-    kept.save_to_disk(str(output))
-    write_json(output / PARAMS_FILE, params_record(**params))
+    """Write the Arrow dataset, its parameters, card, ``report.json`` and the rejects file.
+
+    Everything is written into a temporary folder beside ``output``, loaded back as a check,
+    and only then renamed onto ``output`` (replacing what was there): a crash never leaves a
+    folder that looks complete, and an output with no row is refused (``EmptyOutput``).
+    """
     counts = write_rejects(rejects_path(output), rejected, extra_rejects)
     n_rejected = sum(counts.values())
     full = {
@@ -169,5 +169,25 @@ def save(
         "params": params,
         **(report or {}),
     }
-    write_json(output / REPORT_FILE, full)
+    if len(kept) == 0:
+        raise EmptyOutput(
+            f"no row survived ({n_rejected} rejected: {full['rejects_by_reason']}); see "
+            f"{rejects_path(output)}. Nothing was written to {output}"
+        )
+    import datasets
+
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        kept.save_to_disk(str(staging))
+        write_json(staging / PARAMS_FILE, params_record(**params))
+        write_json(staging / REPORT_FILE, full)
+        (staging / "README.md").write_text(render_card(full))
+        if len(datasets.load_from_disk(str(staging))) != len(kept):
+            raise RuntimeError(f"{staging} did not load back with {len(kept)} rows")
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return full

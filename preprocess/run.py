@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
 from fgit_preprocess.cache import AnswerCache
+from fgit_preprocess.card import format_usd
 from fgit_preprocess.diff import DiffScope, code_view
 from fgit_preprocess.pipeline import (
     REJECT,
@@ -26,27 +27,29 @@ from fgit_preprocess.pipeline import (
     save,
     write_rejects,
 )
+from fgit_preprocess.sandbox import Limits, isolation, run_many
 from fgit_preprocess.selection import EmbeddingScorer, choose, levenshtein_scores
 from fgit_preprocess.sources import (
-    REPORT_FILE,
     Fields,
     RowError,
     normalise_row,
     rejects_path,
-    write_json,
 )
 from fgit_preprocess.teacher import (
     Outcome,
     Teacher,
     TeacherSettings,
     build_requests,
+    preflight,
     redact,
-    supports_n,
 )
 from fgit_preprocess.variants import candidate
 
 MUTATE = "mutate"
 NO_VALID_VARIANT = "no-valid-variant"
+TEACHER_ERROR = "teacher-error"  # every request for the row failed; a rerun retries it
+BAD_REFERENCE = "bad-reference"  # the correct response fails its own tests
+EQUIVALENT = "equivalent"  # a "wrong" variant that passes the tests
 DUPLICATE = "duplicate"  # a valid variant equal to one already kept for the row
 
 
@@ -72,6 +75,8 @@ class RunOptions:
     diff_scope: DiffScope = "code"
     seed: int = 0
     num_proc: int = 1
+    tests_field: str | None = None  # run variants against this column's tests
+    sandbox: Limits = field(default_factory=Limits)
     extra_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,14 +96,14 @@ def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dic
         ]
         for r in rows
     ]
-    use_n = supports_n(opts.teacher.model, opts.teacher.api_base)
+    use_n = preflight(opts.teacher)
     requests = build_requests(prompts, opts.teacher, use_n)
     bar = tqdm(total=len(requests), desc="Teacher", unit="req")
 
     def progress(out: Outcome) -> None:
         bar.n = out.calls + out.cached + out.failed
         bar.set_postfix(
-            cost=f"${out.cost_new + out.cost_cached:.4f}",
+            cost=format_usd(out.cost_new + out.cost_cached),
             cached=out.cached,
             retries=out.retries,
             refresh=True,
@@ -133,10 +138,10 @@ def _ask_mutate(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, 
     return out, {"requests": 0, "cost_usd": 0.0}
 
 
-def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, Any]:
-    """The whole ``run`` command after loading; returns the report it wrote."""
+def _read(ds, fields: Fields) -> tuple[list[dict], list[dict], list[dict]]:
+    """Normalised rows, the columns each carries through, and reject records."""
     rows, originals, rejects = [], [], []
-    consumed = {c for c in (fields.prompt, fields.messages, fields.correct, fields.input) if c}
+    consumed = fields.consumed()
     for raw in tqdm(ds, desc="Reading rows", unit="row"):
         try:
             row = normalise_row(raw, fields)
@@ -145,23 +150,21 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
             continue
         rows.append(row)
         originals.append({k: v for k, v in raw.items() if k not in consumed})
+    return rows, originals, rejects
 
-    ask = _ask_mutate if opts.teacher.model == MUTATE else _ask_llm
-    outcome, teacher_info = ask(rows, opts)
-    if teacher_info.get("unsent"):
-        report = {"status": "budget-reached", "teacher": teacher_info}
-        output.mkdir(parents=True, exist_ok=True)
-        write_json(output / REPORT_FILE, report)
-        raise BudgetStop(
-            f"--max-cost {opts.teacher.max_cost} reached after "
-            f"${teacher_info['cost_usd']:.4f}; {teacher_info['unsent']} requests "
-            "not sent. Every answer so far is cached: rerun the same command with "
-            "a higher --max-cost to resume.",
-            report,
-        )
 
+def _dominant(errors: dict[int, str]) -> str:
+    """The most common teacher error, with a sample message: why the rows were lost."""
+    kinds = Counter(message.split(":", 1)[0] for message in errors.values())
+    kind, n = kinds.most_common(1)[0]
+    sample = next(m for m in errors.values() if m.startswith(kind))
+    return f"{n} of {len(errors)} failed rows: {sample[:300]}"
+
+
+def _candidates(rows, originals, outcome: Outcome, opts: RunOptions):
+    """Valid, distinct candidates per row; rows without one become rejects."""
     variant_reasons: Counter = Counter()
-    kept_rows, candidates = [], []
+    kept_rows, candidates, rejects = [], [], []
     for i, row in enumerate(rows):
         found, reasons = [], Counter()
         for answer in outcome.texts.get(i, []):
@@ -177,24 +180,117 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
             kept_rows.append(i)
             candidates.append(found)
             continue
+        lost = i in outcome.errors and not outcome.texts.get(i)
         detail = f"variant rejects {dict(reasons)}" if reasons else "teacher gave no answer"
         if i in outcome.errors:
             detail += f"; teacher error: {outcome.errors[i]}"
-        rejects.append(
-            {**originals[i], **row, REJECT: NO_VALID_VARIANT, REJECT_DETAIL: redact(detail)}
+        reason = TEACHER_ERROR if lost else NO_VALID_VARIANT
+        rejects.append({**originals[i], **row, REJECT: reason, REJECT_DETAIL: redact(detail)})
+    return kept_rows, candidates, rejects, variant_reasons
+
+
+def _prove_wrong(rows, originals, kept_rows, candidates, opts: RunOptions):
+    """Run the reference and every candidate against the row's tests in the sandbox.
+
+    A reference that fails its own tests rejects the row (``bad-reference``); a candidate
+    that passes them is not wrong (``equivalent``) and is dropped.
+    """
+    jobs, where = [], []
+    for slot, i in enumerate(kept_rows):
+        tests = originals[i].get(opts.tests_field)
+        if not isinstance(tests, str) or not tests.strip():
+            continue
+        jobs.append((code_view(rows[i][COLS.correct]).text, tests))
+        where.append((slot, None))
+        jobs += [(cand.code, tests) for cand in candidates[slot]]
+        where += [(slot, k) for k in range(len(candidates[slot]))]
+    results = run_many(jobs, opts.sandbox) if jobs else []
+    reference = {slot: out for (slot, k), out in zip(where, results) if k is None}
+    passing = {(slot, k) for (slot, k), out in zip(where, results) if k is not None and out.passed}
+    run_variants = [(slot, k) for slot, k in where if k is not None and reference[slot].passed]
+    keep_rows, keep_cands, rejects = [], [], []
+    for slot, i in enumerate(kept_rows):
+        ref = reference.get(slot)
+        if ref is not None and not ref.passed:
+            detail = f"the correct response fails its tests ({ref.reason}): {ref.output[-300:]}"
+            rejects.append(
+                {**originals[i], **rows[i], REJECT: BAD_REFERENCE, REJECT_DETAIL: detail}
+            )
+            continue
+        wrong = [c for k, c in enumerate(candidates[slot]) if (slot, k) not in passing]
+        if not wrong:
+            rejects.append(
+                {
+                    **originals[i],
+                    **rows[i],
+                    REJECT: NO_VALID_VARIANT,
+                    REJECT_DETAIL: f"all {len(candidates[slot])} variants pass the tests",
+                }
+            )
+            continue
+        keep_rows.append(i)
+        keep_cands.append(wrong)
+    killed = sum((slot, k) not in passing for slot, k in run_variants)
+    report = {
+        "field": opts.tests_field,
+        "rows_tested": len(reference),
+        "rows_untested": len(kept_rows) - len(reference),
+        "bad_reference": sum(not r.passed for r in reference.values()),
+        "variants_run": len(run_variants),
+        "variants_killed": killed,
+        "equivalent": len(run_variants) - killed,
+        "kill_rate": killed / len(run_variants) if run_variants else None,
+        "sandbox": asdict(isolation()),
+    }
+    return keep_rows, keep_cands, rejects, report
+
+
+def generate(
+    ds, fields: Fields, output: Path, opts: RunOptions, bad_lines: list[dict] = ()
+) -> dict[str, Any]:
+    """The whole ``run`` command after loading; returns the report it wrote."""
+    rows, originals, rejects = _read(ds, fields)
+    rejects = [*bad_lines, *rejects]
+    ask = _ask_mutate if opts.teacher.model == MUTATE else _ask_llm
+    if ask is _ask_llm:
+        preflight(opts.teacher)  # a missing key or unknown model fails before the embedder
+    # Load the embedder before the teacher runs, so a bad path costs nothing.
+    scorer = (
+        EmbeddingScorer(opts.embedder, opts.embed_batch_size)
+        if opts.similarity == "embedding"
+        else levenshtein_scores
+    )
+    outcome, teacher_info = ask(rows, opts)
+    if teacher_info.get("unsent"):
+        raise BudgetStop(
+            f"--max-cost {opts.teacher.max_cost} reached after "
+            f"{format_usd(teacher_info['cost_usd'])}; {teacher_info['unsent']} requests not "
+            "sent and nothing was written. Every answer so far is cached and is not paid again.",
+            {"status": "budget-reached", "teacher": teacher_info},
         )
+    kept_rows, candidates, lost, variant_reasons = _candidates(rows, originals, outcome, opts)
+    rejects += lost
+    tests_report = None
+    if opts.tests_field:
+        kept_rows, candidates, lost, tests_report = _prove_wrong(
+            rows, originals, kept_rows, candidates, opts
+        )
+        rejects += lost
+        variant_reasons[EQUIVALENT] += tests_report["equivalent"]
     if not kept_rows:
         write_rejects(rejects_path(output), [], rejects)
+        cause = (
+            f"the teacher failed: {_dominant(outcome.errors)}"
+            if outcome.errors
+            else f"variant rejects {dict(variant_reasons)}"
+        )
         raise RuntimeError(
-            f"no row has a valid variant ({dict(variant_reasons)}); see {rejects_path(output)}"
+            f"no row has a valid variant; {cause}. Every row is in {rejects_path(output)}"
         )
 
     correct_code = [code_view(rows[i][COLS.correct]).text for i in kept_rows]
     cand_code = [[c.code for c in found] for found in candidates]
-    if opts.similarity == "levenshtein":
-        scores = levenshtein_scores(correct_code, cand_code)
-    else:
-        scores = EmbeddingScorer(opts.embedder, opts.embed_batch_size)(correct_code, cand_code)
+    scores = scorer(correct_code, cand_code)
     paired = []
     for i, found, pick in zip(kept_rows, candidates, choose(scores)):
         best, score = pick
@@ -228,6 +324,7 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
         "require_parse": opts.require_parse,
         "diff_scope": opts.diff_scope,
         "seed": opts.seed,
+        "tests_field": opts.tests_field,
         "fields": asdict(fields),
         **opts.extra_params,
     }
@@ -239,6 +336,7 @@ def generate(ds, fields: Fields, output: Path, opts: RunOptions) -> dict[str, An
         "similarity_mean": (sum(p["similarity"] for p in paired) / len(paired)),
         "valid_variants": sum(p["num_valid_variants"] for p in paired),
         "valid_variants_mean": (sum(p["num_valid_variants"] for p in paired) / len(paired)),
+        **({"tests": tests_report} if tests_report else {}),
     }
     return save(kept, rejected, output, params, report, rejects)
 

@@ -8,6 +8,7 @@ input column is carried through unchanged.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,96 @@ class InputError(ValueError):
     """A dataset that cannot be read as asked; the message says what to change."""
 
 
+INPUT_LINE = "fgit_input_line"  # 1-based JSONL line (or row number) of every row, kept
+# A rejected row is carried as the row plus these two columns until the rejects file.
+REJECT, REJECT_DETAIL = "fgit_reject", "fgit_reject_detail"
+
+
+def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of a JSONL file, and a reject record for every line that is not one.
+
+    A line that is not UTF-8, not JSON, not an object, or holds text that cannot be stored
+    (lone surrogates) is rejected with its line number; the other lines are read.
+    """
+    rows, bad = [], []
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeError as err:
+                bad.append(_bad_line(number, "bad-encoding", err, raw))
+                continue
+            except ValueError as err:
+                bad.append(_bad_line(number, "bad-json", err, raw))
+                continue
+            rows.append({**row, INPUT_LINE: number})
+    return _uniform(rows, bad)
+
+
+_TYPE_NAMES = {
+    "str": "string",
+    "int": "integer",
+    "float": "number",
+    "list": "list",
+    "dict": "object",
+    "bool": "boolean",
+}
+
+
+def _uniform(rows: list[dict[str, Any]], bad: list[dict[str, Any]]):
+    """Reject rows whose value in a column has another type than that column has in most
+    rows (Arrow needs one type per column); the reason names the column."""
+    kinds: dict[str, Counter] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None:
+                kinds.setdefault(key, Counter())[type(value).__name__] += 1
+    usual = {key: counts.most_common(1)[0][0] for key, counts in kinds.items()}
+    kept = []
+    for row in rows:
+        odd = next(
+            (k for k, v in row.items() if v is not None and type(v).__name__ != usual[k]), None
+        )
+        if odd is None:
+            kept.append(row)
+            continue
+        name = _TYPE_NAMES.get(usual[odd], usual[odd])
+        bad.append(
+            {
+                REJECT: f"bad-{odd}",
+                INPUT_LINE: row[INPUT_LINE],
+                REJECT_DETAIL: f"line {row[INPUT_LINE]}: {odd} is "
+                f"{type(row[odd]).__name__}, not a {name} like the other rows",
+                "raw": json.dumps(row, default=str)[:300],
+            }
+        )
+    return kept, bad
+
+
+def _bad_line(number: int, reason: str, err: Exception, raw: bytes) -> dict[str, Any]:
+    return {
+        REJECT: reason,
+        REJECT_DETAIL: f"line {number}: {err}",
+        INPUT_LINE: number,
+        "raw": raw[:300].decode("utf-8", "replace"),
+    }
+
+
 def load_rows(path: str, split: str = "train"):
-    """Load JSONL/JSON/Parquet/Arrow (file or ``save_to_disk`` dir) or a Hub dataset."""
+    """Load JSONL/JSON/Parquet/Arrow (file or ``save_to_disk`` dir) or a Hub dataset.
+
+    Returns ``(dataset, bad_lines)``: every row carries ``fgit_input_line`` (its JSONL line
+    or row number), and ``bad_lines`` are reject records for JSONL lines that are not rows.
+    """
     import datasets
 
     p = Path(path)
+    bad: list[dict[str, Any]] = []
     if p.is_dir():
         if (p / "state.json").exists() or (p / "dataset_dict.json").exists():
             ds = datasets.load_from_disk(str(p))
@@ -38,29 +124,60 @@ def load_rows(path: str, split: str = "train"):
                 if split not in ds:
                     raise InputError(f"{path} has splits {list(ds)}; pick one with --split")
                 ds = ds[split]
-            return ds
-        return datasets.load_dataset(str(p), split=split)
-    if p.exists():
+        elif not any(p.iterdir()):
+            raise InputError(
+                f"{path} is an empty directory; pass a JSONL, JSON, Parquet or "
+                "Arrow file, or a datasets.save_to_disk directory"
+            )
+        else:
+            ds = _guarded(lambda: datasets.load_dataset(str(p), split=split), path)
+    elif p.is_file():
         suffix = p.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            return datasets.load_dataset("json", data_files=str(p), split="train")
-        if suffix == ".parquet":
-            return datasets.load_dataset("parquet", data_files=str(p), split="train")
-        if suffix == ".arrow":
-            return datasets.Dataset.from_file(str(p))
-        raise InputError(
-            f"{path}: unknown file type {suffix!r}; use .jsonl, .json, "
-            ".parquet, .arrow or a save_to_disk directory"
-        )
-    if path.startswith((".", "/")) or path.count("/") > 1:
+        if suffix == ".jsonl":
+            rows, bad = _jsonl_rows(p)
+            if not rows:
+                raise InputError(
+                    f"{path} has no readable rows ({len(bad)} bad lines)"
+                    + (f"; first: {bad[0]['detail']}" if bad else "")
+                )
+            ds = _guarded(lambda: datasets.Dataset.from_list(rows), path)
+            return ds, bad
+        loaders = {".json": "json", ".parquet": "parquet"}
+        if suffix in loaders:
+            ds = _guarded(
+                lambda: datasets.load_dataset(loaders[suffix], data_files=str(p), split="train"),
+                path,
+            )
+        elif suffix == ".arrow":
+            ds = _guarded(lambda: datasets.Dataset.from_file(str(p)), path)
+        else:
+            raise InputError(
+                f"{path}: unknown file type {suffix!r}; use .jsonl, .json, "
+                ".parquet, .arrow or a save_to_disk directory"
+            )
+    elif path.startswith((".", "/")) or path.count("/") > 1:
         raise InputError(f"{path}: no such file or directory")
+    else:
+        ds = _guarded(
+            lambda: datasets.load_dataset(path, split=split),
+            path,
+            "is not a local file and could not be loaded from the Hugging Face Hub",
+        )
+    if len(ds) == 0:
+        raise InputError(f"{path} has no rows")
+    if INPUT_LINE not in ds.column_names:
+        ds = ds.add_column(INPUT_LINE, list(range(1, len(ds) + 1)))
+    return ds, bad
+
+
+def _guarded(load, path: str, what: str = "cannot be read"):
+    """Run a datasets loader; its many error types become one InputError that says why."""
     try:
-        return datasets.load_dataset(path, split=split)
-    except Exception as exc:  # the Hub raises many types; say what was tried
-        raise InputError(
-            f"{path} is not a local file and could not be loaded from the "
-            f"Hugging Face Hub ({type(exc).__name__}: {exc})"
-        ) from exc
+        return load()
+    except InputError:
+        raise
+    except Exception as exc:  # datasets/pyarrow/the Hub raise many types; say what was tried
+        raise InputError(f"{path} {what} ({type(exc).__name__}: {str(exc)[:500]})") from exc
 
 
 @dataclass(frozen=True)
@@ -72,6 +189,12 @@ class Fields:
     correct: str | None  # None: the last assistant turn of ``messages``
     incorrect: str | None = None
     input: str | None = None  # optional Alpaca-style "input" appended to the prompt
+
+    def consumed(self) -> set[str]:
+        """The input columns these fields read (every other column is carried through)."""
+        return {
+            c for c in (self.prompt, self.messages, self.correct, self.incorrect, self.input) if c
+        }
 
 
 def _pick(

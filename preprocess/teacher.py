@@ -156,6 +156,27 @@ def supports_n(model: str, api_base: str | None = None) -> bool:
     return "n" in params
 
 
+def preflight(settings: TeacherSettings) -> bool:
+    """Check, before any request, that litellm knows the model and its key is set.
+
+    Returns whether the backend takes ``n``; raises ``TeacherFatal`` naming what is missing
+    (a ``*_API_BASE`` requirement is met by ``--api-base``).
+    """
+    use_n = supports_n(settings.model, settings.api_base)
+    env = _litellm().validate_environment(model=settings.model, api_base=settings.api_base)
+    missing = [
+        k
+        for k in env.get("missing_keys") or []
+        if not (settings.api_base and k.endswith("_API_BASE"))
+    ]
+    if missing:
+        raise TeacherFatal(
+            f"--teacher {settings.model} needs {', '.join(missing)} in the environment "
+            "(for a local OpenAI-compatible server any non-empty value works); nothing was sent"
+        )
+    return use_n
+
+
 def build_requests(
     prompts: Sequence[list[dict[str, str]]], settings: TeacherSettings, use_n: bool
 ) -> list[Request]:
@@ -278,6 +299,7 @@ class Teacher:
                 if wait is None:
                     wait = random.uniform(0, min(self.s.max_backoff, self.s.backoff * 2**attempt))
                 out.retries += 1
+                self.on_progress(out)
                 LOG.debug("retrying row %d after %s (%.2fs)", req.row, type(err).__name__, wait)
                 await asyncio.sleep(min(wait, self.s.max_backoff))
         raise AssertionError("unreachable")

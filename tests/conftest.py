@@ -123,6 +123,9 @@ def wordpiece_tokenizer(minilm_dir):
     return AutoTokenizer.from_pretrained(minilm_dir)
 
 
+IN_PROCESS = {"fgit_preprocess": "fgit_preprocess.cli", "axolotl_fgit.eval": "axolotl_fgit.eval"}
+
+
 def run_cli(
     *args,
     ok: bool = True,
@@ -133,16 +136,18 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run a command-line tool like a user would; assert success when ``ok``.
 
-    ``fgit-preprocess`` runs in this process through click's runner (the same code path;
-    litellm's 5-second import is paid once per session), everything else, and whatever
-    asks for ``fresh_process``, as ``python -m <module> ARGS``.
+    Our typer CLIs run in this process through click's runner (the same code path; the
+    imports of litellm and torch are paid once per session); anything else, and whatever
+    asks for ``fresh_process``, runs as ``python -m <module> ARGS``.
     """
-    extra_env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
-    if module == "fgit_preprocess" and not fresh_process:
+    # Wide enough that rich never wraps an error message across lines.
+    extra_env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "400", **(env or {})}
+    if module in IN_PROCESS and not fresh_process:
+        import importlib
+
         from typer.testing import CliRunner
 
-        from fgit_preprocess.cli import app
-
+        app = importlib.import_module(IN_PROCESS[module]).app
         result = CliRunner().invoke(
             app, [str(a) for a in args], env=extra_env, catch_exceptions=False
         )
