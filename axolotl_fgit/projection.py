@@ -213,19 +213,26 @@ def logprob_head(
                 head.forward = own
 
 
-def forward_logprobs(
-    model: torch.nn.Module, want: Wanted, chunk_size: int, kernel: Kernel = Kernel.chunked
-) -> torch.Tensor:
-    """One forward over ``want.ids``; return ``log p(want.targets)``, one per wanted token."""
-    keep = torch.unique(want.col)
+def _forward_kwargs(lm: PreTrainedModel, want: Wanted, keep: torch.Tensor) -> dict[str, Any]:
+    """The model call for ``want``: only the ``keep`` positions reach the head, when the
+    model's forward takes ``logits_to_keep``."""
     kwargs: dict[str, Any] = {
         "input_ids": want.ids,
         "position_ids": want.pos,
         "use_cache": False,
         "return_dict": True,
     }
-    if accepts_logits_to_keep(causal_lm(model)):
+    if accepts_logits_to_keep(lm):
         kwargs["logits_to_keep"] = keep
+    return kwargs
+
+
+def forward_logprobs(
+    model: torch.nn.Module, want: Wanted, chunk_size: int, kernel: Kernel = Kernel.chunked
+) -> torch.Tensor:
+    """One forward over ``want.ids``; return ``log p(want.targets)``, one per wanted token."""
+    keep = torch.unique(want.col)
+    kwargs = _forward_kwargs(causal_lm(model), want, keep)
     with logprob_head(model, want, keep, chunk_size, kernel):
         out = model(**kwargs)
     return out["logits"][0]
@@ -257,14 +264,7 @@ def check_fidelity(
         want.targets[idx],
     )
     keep = torch.unique(probe.col)
-    kwargs: dict[str, Any] = {
-        "input_ids": probe.ids,
-        "position_ids": probe.pos,
-        "use_cache": False,
-        "return_dict": True,
-    }
-    if accepts_logits_to_keep(lm):
-        kwargs["logits_to_keep"] = keep
+    kwargs = _forward_kwargs(lm, probe, keep)
     training = model.training
     model.eval()
     try:

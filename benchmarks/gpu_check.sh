@@ -4,15 +4,10 @@
 # Prints, in order: FGIT vs SFT throughput and memory (random-init 135M and 1.3B, bf16,
 # packed); FGIT's log-prob kernels against each other and the bf16 fidelity check per
 # architecture; fgit-eval pairs/s on the GPU; Axolotl's own FSDP2 path (gpu_fsdp_check.sh).
-# Not yet run on a GPU: every part of it has run on the CPU side only.
+# Not yet run on a GPU (none was lent so far); bench_train, bench_kernels and fgit-eval run on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .gpu-wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .gpu-wheels/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/fgit-gpu}
 mkdir -p "$OUT"
 echo "== throughput and memory, FGIT vs SFT"

@@ -8,12 +8,7 @@
 # FSDP on one GPU, and prints both runs' FGIT metrics and losses side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .gpu-wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .gpu-wheels/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1
+. benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/fgit-gpu}
 NPROC=${NPROC:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 mkdir -p "$OUT"

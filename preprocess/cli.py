@@ -6,6 +6,7 @@ commands, so ``--help`` answers at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -115,6 +116,12 @@ def _check_output(output: Path, overwrite: bool, input: str) -> None:
         _fail(f"{output} exists and is not empty; pass --overwrite to replace it")
 
 
+def _options(cls, values: dict, **given):
+    """A keyword-only options dataclass from the command's parameters of the same names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in values.items() if k in names}, **given})
+
+
 def _limited(ds, limit: int | None):
     return ds.select(range(min(limit, len(ds)))) if limit else ds
 
@@ -215,7 +222,7 @@ def masks(
     }
     try:
         report = save(kept, rejected, output, params, extra_rejects=bad_lines)
-    except EmptyOutput as err:
+    except (EmptyOutput, OSError) as err:
         _fail(str(err))
     _print_report(report, output)
     _push(output, push_to_hub)
@@ -274,7 +281,12 @@ def run(
         "microsoft/unixcoder-base",
         help="sentence-transformers model name or local path for --similarity embedding.",
     ),
-    embed_batch_size: int = typer.Option(64, min=1, help="Embedding batch size."),
+    embed_batch_size: int = typer.Option(16, min=1, help="Embedding batch size."),
+    embed_dtype: str = typer.Option(
+        "auto",
+        help="Embedder precision: auto (float16 on a GPU, bfloat16 on CPUs with native bf16, "
+        "else float32), float32, bfloat16 or float16.",
+    ),
     require_parse: bool = typer.Option(
         False, "--require-parse", help="Reject Python variants that do not parse."
     ),
@@ -307,6 +319,8 @@ def run(
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactFilter())
+    if embed_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        _fail(f"--embed-dtype must be auto, float32, bfloat16 or float16, not {embed_dtype!r}")
     if similarity not in ("embedding", "levenshtein"):
         _fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
     if diff_scope not in ("code", "response"):
@@ -323,29 +337,13 @@ def run(
             f"--tests-field {tests_field!r} is not a column; columns: {', '.join(ds.column_names)}"
         )
     ds = _limited(ds, limit)
-    settings = TeacherSettings(
-        model=teacher,
-        num_variants=num_variants,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        api_base=api_base,
-        timeout=timeout,
-        concurrency=concurrency,
-        max_retries=max_retries,
-        max_cost=max_cost,
-    )
-    opts = RunOptions(
+    settings = _options(TeacherSettings, locals(), model=teacher)
+    opts = _options(
+        RunOptions,
+        locals(),
         teacher=settings,
         template=template,
         cache=cache or output.with_name(output.name + ".teacher-cache.sqlite"),
-        similarity=similarity,
-        embedder=embedder,
-        embed_batch_size=embed_batch_size,
-        require_parse=require_parse,
-        diff_scope=diff_scope,
-        seed=seed,
-        num_proc=num_proc,
-        tests_field=tests_field,
         extra_params={"input": input, "split": split, "limit": limit},
     )
     try:

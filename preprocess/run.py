@@ -70,7 +70,8 @@ class RunOptions:
     cache: Path
     similarity: str = "embedding"  # embedding | levenshtein
     embedder: str = "microsoft/unixcoder-base"
-    embed_batch_size: int = 64
+    embed_batch_size: int = 16
+    embed_dtype: str = "auto"
     require_parse: bool = False
     diff_scope: DiffScope = "code"
     seed: int = 0
@@ -256,7 +257,7 @@ def generate(
         preflight(opts.teacher)  # a missing key or unknown model fails before the embedder
     # Load the embedder before the teacher runs, so a bad path costs nothing.
     scorer = (
-        EmbeddingScorer(opts.embedder, opts.embed_batch_size)
+        EmbeddingScorer(opts.embedder, opts.embed_batch_size, dtype=opts.embed_dtype)
         if opts.similarity == "embedding"
         else levenshtein_scores
     )
@@ -321,6 +322,7 @@ def generate(
         "template": opts.template,
         "similarity": opts.similarity,
         "embedder": opts.embedder if opts.similarity == "embedding" else None,
+        "embed_dtype": scorer.dtype if opts.similarity == "embedding" else None,
         "require_parse": opts.require_parse,
         "diff_scope": opts.diff_scope,
         "seed": opts.seed,

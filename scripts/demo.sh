@@ -31,14 +31,14 @@ fgit-preprocess run -i examples/data/sample.jsonl -o "$OUT/pairs" --teacher muta
   --num-variants 4 --embedder "$EMBEDDER" --overwrite
 fgit-preprocess inspect -i "$OUT/pairs" --html "$OUT/pairs.html"
 
-echo "== fgit-eval before training"
+echo "== fgit-eval before training (on the training pairs: fitting, not generalisation)"
 fgit-eval --model "$OUT/smollm2-135m-instruct" --data "$OUT/pairs" | tee "$OUT/eval-before.txt"
 
 echo "== axolotl train with the FGIT plugin (CPU)"
 rm -rf "$OUT/prepared" "$OUT/model"
 axolotl train examples/yaml/smollm2-135m-cpu.yml --launcher python
 
-echo "== fgit-eval after training"
+echo "== fgit-eval after training (the same, training, pairs)"
 fgit-eval --model "$OUT/model" --data "$OUT/pairs" | tee "$OUT/eval-after.txt"
-echo "before: $(cat "$OUT/eval-before.txt")"
-echo "after:  $(cat "$OUT/eval-after.txt")"
+echo "before (training pairs): $(cat "$OUT/eval-before.txt")"
+echo "after  (training pairs): $(cat "$OUT/eval-after.txt")"

@@ -27,6 +27,43 @@ SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_PAIRS = ROOT / "examples" / "data" / "sample_pairs.jsonl"
 CACHE = Path(os.environ.get("FGIT_TEST_CACHE", ROOT / ".test-cache"))
 TOKENIZER_DIR = ROOT / "benchmarks" / "assets" / "smollm2-tokenizer"  # committed, no weights
+# The shape of every tiny random model in the suite (2 layers, hidden 64).
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def pair_row(
+    correct: str,
+    incorrect: str,
+    *,
+    prompt: str | None = None,
+    messages: list | None = None,
+    scope: str = "response",
+) -> dict:
+    """One row of the FGIT data contract, with the spans ``fgit-preprocess`` would write."""
+    from fgit_preprocess.diff import pair_spans
+
+    spans = pair_spans(correct, incorrect, scope)
+    head = {"prompt": prompt} if messages is None else {"messages": messages}
+    return {
+        **head,
+        "correct": correct,
+        "incorrect": incorrect,
+        "correct_line_spans": spans.correct_line,
+        "correct_edit_spans": spans.correct_edit,
+        "incorrect_line_spans": spans.incorrect_line,
+        "incorrect_edit_spans": spans.incorrect_edit,
+    }
+
+
+def teacher_args(data, out, teacher: str, *extra) -> list:
+    """``fgit-preprocess run`` arguments for a dataset, an output and a teacher."""
+    return ["run", "-i", data, "-o", out, "--teacher", teacher, *extra]
 
 
 def load_tokenizer(path: Path = TOKENIZER_DIR):
@@ -65,11 +102,7 @@ def tiny_dir(tokenizer) -> Path:
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         initializer_range=0.2,  # peaked, not near-uniform, distributions

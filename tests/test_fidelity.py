@@ -14,18 +14,11 @@ import transformers
 from transformers import LlamaForCausalLM
 
 from axolotl_fgit.projection import FidelityError, Wanted, check_fidelity, forward_logprobs
+from conftest import TINY
 
 VOCAB = 512
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.3,
-)  # large logits, so a missed transform shows
+COMMON = dict(**TINY, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.3)
+# (initializer_range 0.3: large logits, so a missed transform shows)
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", {}),

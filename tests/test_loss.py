@@ -15,23 +15,13 @@ from axolotl_fgit.collator import FGITDataCollator, FGITPackedDataCollator
 from axolotl_fgit.loss import SideTokens, Strength, fgit_loss, pair_weight, strength, token_weights
 from axolotl_fgit.strategy import pair_strategy
 from axolotl_fgit.trainer import batch_loss
-from conftest import SAMPLE_PAIRS
-from fgit_preprocess.diff import pair_spans
+from conftest import SAMPLE_PAIRS, pair_row
 
 MODES = list(itertools.product(["dynamic", "static", "sft"], ["hybrid", "line", "token"]))
 
 
 def make_row(prompt: str, correct: str, incorrect: str) -> dict:
-    spans = pair_spans(correct, incorrect, "response")
-    return {
-        "prompt": prompt,
-        "correct": correct,
-        "incorrect": incorrect,
-        "correct_line_spans": spans.correct_line,
-        "correct_edit_spans": spans.correct_edit,
-        "incorrect_line_spans": spans.incorrect_line,
-        "incorrect_edit_spans": spans.incorrect_edit,
-    }
+    return pair_row(correct, incorrect, prompt=prompt)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -16,16 +14,6 @@ from fgit_preprocess.selection import EmbeddingScorer, choose, levenshtein_score
 from fgit_preprocess.variants import candidate
 
 ROWS = [json.loads(line) for line in SAMPLE.open()]
-
-
-def _fails_tests(code: str, tests: str) -> bool:
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", f"{code}\n{tests}"], capture_output=True, timeout=5
-        )
-    except subprocess.TimeoutExpired:
-        return True  # e.g. a dropped increment turns a loop infinite: the test fails too
-    return proc.returncode != 0
 
 
 def test_variants_parse_differ_and_are_deterministic():
@@ -45,23 +33,6 @@ def test_variants_parse_differ_and_are_deterministic():
         != mutate_code(code_view(r["response"]).text, 4, seed=3)
         for r in ROWS
     )
-
-
-@pytest.mark.slow  # one Python process per variant
-def test_nearly_every_variant_fails_the_unit_tests(capsys):
-    killed = total = 0
-    for row in ROWS:
-        for v in mutate_code(code_view(row["response"]).text, 4, seed=0):
-            total += 1
-            killed += _fails_tests(v, row["tests"])
-    rate = killed / total
-    with capsys.disabled():
-        print(
-            f"\nmutation teacher: {killed}/{total} variants fail the bundled unit tests "
-            f"({rate:.1%})"
-        )
-    assert all(not _fails_tests(code_view(r["response"]).text, r["tests"]) for r in ROWS)
-    assert rate >= 0.9
 
 
 def test_non_python_code_gets_token_level_faults():
@@ -116,38 +87,15 @@ def test_selection_picks_the_closest_variant(scorer):
 def test_run_records_similarity_with_a_local_embedder(tmp_path, minilm_dir):
     import datasets
 
-    from conftest import run_cli
+    from conftest import run_cli, teacher_args
 
-    out = tmp_path / "o"
-    run_cli(
-        "run",
-        "-i",
-        SAMPLE,
-        "-o",
-        out,
-        "--teacher",
-        "mutate",
-        "--embedder",
-        minilm_dir,
-        "--num-variants",
-        "3",
-    )
+    out, again = tmp_path / "o", tmp_path / "again"
+    for target in (out, again):
+        run_cli(
+            *teacher_args(SAMPLE, target, "mutate", "--embedder", minilm_dir, "--num-variants", "3")
+        )
     ds = datasets.load_from_disk(str(out))
     assert len(ds) == len(ROWS)
     assert all(0.5 < s <= 1.0 for s in ds["similarity"])
     assert all(1 <= n <= 3 for n in ds["num_valid_variants"])
-    again = tmp_path / "again"
-    run_cli(
-        "run",
-        "-i",
-        SAMPLE,
-        "-o",
-        again,
-        "--teacher",
-        "mutate",
-        "--embedder",
-        minilm_dir,
-        "--num-variants",
-        "3",
-    )
     assert datasets.load_from_disk(str(again))["incorrect"] == ds["incorrect"]  # deterministic

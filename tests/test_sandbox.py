@@ -47,6 +47,7 @@ def test_resource_abuse_is_stopped_with_its_reason(code, reason):
     assert out.seconds < LIMITS.wall_seconds + 3
 
 
+@pytest.mark.slow  # waits out a fork bomb
 def test_fork_bomb_leaves_no_process_behind():
     run_python(
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",

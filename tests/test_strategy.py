@@ -13,7 +13,7 @@ from axolotl_fgit.collator import FGITDataCollator
 from axolotl_fgit.contract import IGNORE_INDEX, TRUNCATED_COLUMN, Side
 from axolotl_fgit.strategy import load as fgit_load
 from axolotl_fgit.trainer import batch_loss
-from fgit_preprocess.diff import pair_spans
+from conftest import pair_row
 
 SYSTEM = {"role": "system", "content": "You write careful Python."}
 PROBLEMS = [
@@ -38,16 +38,7 @@ PROBLEMS = [
 
 
 def fgit_row(prompt_turns: list[dict], correct: str, incorrect: str) -> dict:
-    spans = pair_spans(correct, incorrect, "response")
-    return {
-        "messages": prompt_turns,
-        "correct": correct,
-        "incorrect": incorrect,
-        "correct_line_spans": spans.correct_line,
-        "correct_edit_spans": spans.correct_edit,
-        "incorrect_line_spans": spans.incorrect_line,
-        "incorrect_edit_spans": spans.incorrect_edit,
-    }
+    return pair_row(correct, incorrect, messages=prompt_turns)
 
 
 def config(**top) -> DictDefault:

@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, run_cli, teacher_args
 from fgit_preprocess.cache import AnswerCache
 from fgit_preprocess.mutate import mutate_response
 from fgit_preprocess.sources import rejects_path
@@ -56,13 +56,9 @@ def write_rows(path: Path, n: int) -> Path:
 
 
 def run_args(data: Path, out: Path, srv: LoopbackServer, *extra) -> list:
-    return [
-        "run",
-        "-i",
+    return teacher_args(
         data,
-        "-o",
         out,
-        "--teacher",
         "openai/gpt-4o-mini",
         "--api-base",
         srv.url,
@@ -71,7 +67,7 @@ def run_args(data: Path, out: Path, srv: LoopbackServer, *extra) -> list:
         "--num-variants",
         "3",
         *extra,
-    ]
+    )
 
 
 def task_of(body: dict) -> int:
@@ -184,6 +180,7 @@ def test_template_missing_placeholder_fails_before_any_call(tmp_path):
     assert last_user_text(srv.requests[0]).startswith("P: [task")
 
 
+@pytest.mark.slow  # a killed CLI process and a rerun
 def test_sigkill_midway_then_resume_repeats_no_answered_request(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", 10)
     reference = tmp_path / "reference"
@@ -225,6 +222,7 @@ def test_sigkill_midway_then_resume_repeats_no_answered_request(tmp_path):
     assert got.to_list() == want.to_list()
 
 
+@pytest.mark.slow  # two fresh CLI processes
 def test_max_cost_stops_cleanly_and_resumes(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", 8)
     out = tmp_path / "out"
@@ -301,10 +299,10 @@ def test_bad_inputs_give_clear_errors_or_reasoned_rejects(tmp_path):
     run_cli("run", "-i", path, "-o", out, "--teacher", "mutate", "--similarity", "levenshtein")
     report = json.loads((out / "report.json").read_text())
     assert report["rows_out"] == 1
-    assert report["rejects_by_reason"] == {"bad-response": 1, "no-valid-variant": 1}
+    assert report["rejects_by_reason"] == {"bad-correct": 1, "no-valid-variant": 1}
     details = {json.loads(line)["reason"]: json.loads(line) for line in rejects_path(out).open()}
-    assert "line 2: response is int, not a string" in details["bad-response"]["detail"]
-    assert details["bad-response"]["fgit_input_line"] == 2
+    assert "int, not a string" in details["bad-correct"]["detail"]
+    assert details["bad-correct"]["fgit_input_line"] == 2
     details = {reason: row["detail"] for reason, row in details.items()}
     assert details["no-valid-variant"] == "teacher gave no answer"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, run_cli, teacher_args
 from fgit_preprocess.sources import rejects_path
 from loopback_server import LoopbackServer, Reply, completion
 
@@ -57,13 +57,7 @@ def test_run_with_real_generations(tmp_path, smollm2_responder):
     out = tmp_path / "out"
     with LoopbackServer(smollm2_responder, threaded=True) as srv:
         run_cli(
-            "run",
-            "-i",
-            data,
-            "-o",
-            out,
-            "--teacher",
-            "openai/smollm2-135m-instruct",
+            *teacher_args(data, out, "openai/smollm2-135m-instruct"),
             "--api-base",
             srv.url,
             "--num-variants",

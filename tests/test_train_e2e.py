@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, SAMPLE, run_cli
+from conftest import ROOT, SAMPLE, pair_row, run_cli
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
@@ -151,7 +151,6 @@ def test_sft_weighting_matches_plain_chat_template_training(tmp_path, tiny_dir, 
     import datasets
 
     from axolotl_fgit.contract import IGNORE_INDEX, Side
-    from fgit_preprocess.diff import pair_spans
 
     system = {"role": "system", "content": "You write careful Python."}
     problems = [json.loads(line) for line in SAMPLE.open()][:6]
@@ -160,19 +159,8 @@ def test_sft_weighting_matches_plain_chat_template_training(tmp_path, tiny_dir, 
         turns = [system] * (i % 2) + [{"role": "user", "content": p["instruction"]}]
         correct = p["response"]
         incorrect = correct.replace("return", "return not", 1)
-        spans = pair_spans(correct, incorrect)
         chat_rows.append({"messages": [*turns, {"role": "assistant", "content": correct}]})
-        pair_rows.append(
-            {
-                "messages": turns,
-                "correct": correct,
-                "incorrect": incorrect,
-                "correct_line_spans": spans.correct_line,
-                "correct_edit_spans": spans.correct_edit,
-                "incorrect_line_spans": spans.incorrect_line,
-                "incorrect_edit_spans": spans.incorrect_edit,
-            }
-        )
+        pair_rows.append(pair_row(correct, incorrect, messages=turns, scope="code"))
     runs = {}
     for name, rows, extra in (
         ("sft", chat_rows, {"type": "chat_template"}),
