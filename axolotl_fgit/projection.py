@@ -47,15 +47,23 @@ class _Knob:
     """A model parameter that transforms logits after the head, and its no-op value."""
 
     name: str
-    on_module: bool  # read from the model module (else from its config / text config)
+    owner: str  # where it lives: "config" (config or text config), "module" or "inner"
     neutral: Any
     kind: str  # "softcap", "divide" or "multiply"
+    model_types: frozenset[str] | None = None  # only these (None: any model type)
+    exclude: frozenset[str] = frozenset()
+
+    def applies(self, lm: PreTrainedModel) -> bool:
+        kind = getattr(lm.config, "model_type", "")
+        return (self.model_types is None or kind in self.model_types) and kind not in self.exclude
 
 
 KNOBS = (
-    _Knob("final_logit_softcapping", False, None, "softcap"),  # Gemma-2/3
-    _Knob("logits_scaling", False, 1.0, "divide"),  # Granite
-    _Knob("logit_scale", True, 1.0, "multiply"),  # Cohere
+    _Knob("final_logit_softcapping", "config", None, "softcap"),  # Gemma-2/3
+    _Knob("logits_scaling", "config", 1.0, "divide", exclude=frozenset({"hyperclovax"})),  # Granite
+    _Knob("logits_scaling", "config", 1.0, "multiply", frozenset({"hyperclovax"})),  # HyperCLOVA X
+    _Knob("logit_scale", "module", 1.0, "multiply"),  # Cohere
+    _Knob("lm_head_multiplier", "inner", 1.0, "multiply"),  # Falcon-H1
 )
 
 
@@ -75,8 +83,12 @@ class PostHead:
 
 
 def _owners(lm: PreTrainedModel, knob: _Knob) -> list[Any]:
-    if knob.on_module:
+    if not knob.applies(lm):
+        return []
+    if knob.owner == "module":
         return [lm]
+    if knob.owner == "inner":
+        return [lm.model] if isinstance(getattr(lm, "model", None), torch.nn.Module) else []
     configs = [lm.config, lm.config.get_text_config()]
     return [c for i, c in enumerate(configs) if c not in configs[:i]]
 
@@ -247,42 +259,57 @@ def check_fidelity(
 ) -> float:
     """Compare FGIT's log-probs with ``log_softmax`` of the model's own logits at ``n`` tokens.
 
-    Runs without gradients and in eval mode (dropout off), then restores the mode. Raises
+    The tokens are taken from the last sequence of the first row, and the model's own logits
+    come from that sequence run on its own: so a logit transform FGIT does not know, and
+    layers that let packed sequences see each other (state-space layers), both show. Runs
+    without gradients and in eval mode (dropout off), then restores the mode. Raises
     ``FidelityError`` naming the model class on a mismatch; returns the largest difference.
     """
     lm = causal_lm(model)
-    first = want.row == want.row[0] if want.row.numel() else want.row.bool()
-    idx = first.nonzero().squeeze(1)[:n]
-    if idx.numel() == 0:
+    if want.row.numel() == 0:
         return 0.0
-    row, end = int(want.row[idx[0]]), int(want.col[idx].max()) + 1  # causal: later tokens
-    probe = Wanted(
+    row = int(want.row[0])
+    in_row = (want.row == row).nonzero().squeeze(1)
+    starts = (want.pos[row] == 0).nonzero().squeeze(1)
+    start = int(starts[starts <= want.col[in_row].max()].max())
+    idx = in_row[want.col[in_row] >= start][:n]
+    end = int(want.col[idx].max()) + 1  # causal: later tokens change nothing
+    packed = Wanted(
         want.ids[row : row + 1, :end],
-        want.pos[row : row + 1, :end],  # change nothing
+        want.pos[row : row + 1, :end],
         torch.zeros_like(idx),
         want.col[idx],
         want.targets[idx],
     )
-    keep = torch.unique(probe.col)
-    kwargs = _forward_kwargs(lm, probe, keep)
+    alone = Wanted(
+        want.ids[row : row + 1, start:end],
+        want.pos[row : row + 1, start:end],
+        torch.zeros_like(idx),
+        want.col[idx] - start,
+        want.targets[idx],
+    )
+    keep = torch.unique(alone.col)
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ours = forward_logprobs(model, probe, chunk_size, kernel)
-            logits = model(**kwargs)["logits"][0].float()
+            ours = forward_logprobs(model, packed, chunk_size, kernel)
+            logits = model(**_forward_kwargs(lm, alone, keep))["logits"][0].float()
     finally:
         model.train(training)
-    at = torch.searchsorted(keep, probe.col) if logits.shape[0] == keep.numel() else probe.col
-    theirs = torch.log_softmax(logits[at], dim=-1).gather(1, probe.targets[:, None])[:, 0]
+    at = torch.searchsorted(keep, alone.col) if logits.shape[0] == keep.numel() else alone.col
+    theirs = torch.log_softmax(logits[at], dim=-1).gather(1, alone.targets[:, None])[:, 0]
     dtype = next(lm.parameters()).dtype
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     error = float((ours - theirs).abs().max())
     if not error <= tolerance:
         raise FidelityError(
             f"FGIT's log-probs for {type(lm).__name__} differ from log_softmax of the model's "
-            f"own logits by {error:.3g} (tolerance {tolerance:g}): its forward transforms logits "
-            "in a way axolotl-fgit does not know, so the FGIT loss would be wrong. Known "
-            f"transforms: {', '.join(k.name for k in KNOBS)}. Please report the model class."
+            f"own logits by {error:.3g} (tolerance {tolerance:g}), so the FGIT loss would be "
+            "wrong. Either its forward transforms logits in a way axolotl-fgit does not know "
+            f"(known: {', '.join(sorted({k.name for k in KNOBS}))}), or its layers let packed "
+            "sequences see each other (state-space/recurrent layers): FGIT packs both halves "
+            "of a pair into one row, so such models are not supported. Please report the "
+            "model class."
         )
     return error

@@ -69,7 +69,7 @@ def pair_logprobs(
     kernel: Kernel = Kernel.chunked,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p`` of the correct response tokens and of the incorrect sensitive tokens."""
-    sel_c, sel_a = flat.correct_tokens, flat.incorrect_sensitive
+    sel_correct, sel_incorrect = flat.correct_tokens, flat.incorrect_sensitive
     one_row = one_row_attention(model)
 
     def run(part: torch.Tensor, selections: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -78,11 +78,11 @@ def pair_logprobs(
         return list(logp.split([int(s.sum()) for s in selections]))
 
     if not incorrect_without_grad:
-        return tuple(run(torch.ones_like(sel_c), [sel_c, sel_a]))
+        return tuple(run(torch.ones_like(sel_correct), [sel_correct, sel_incorrect]))
     with torch.no_grad():
-        (logp_a,) = run(flat.side == Side.INCORRECT, [sel_a])
-    (logp_c,) = run(flat.side == Side.CORRECT, [sel_c])
-    return logp_c, logp_a
+        (logp_incorrect,) = run(flat.side == Side.INCORRECT, [sel_incorrect])
+    (logp_correct,) = run(flat.side == Side.CORRECT, [sel_correct])
+    return logp_correct, logp_incorrect
 
 
 def batch_loss(
@@ -102,10 +102,10 @@ def batch_loss(
         and model.training
         and (cfg.detach_weights or cfg.weighting != Weighting.dynamic)
     )
-    logp_c, logp_a = pair_logprobs(model, flat, cfg, no_grad_incorrect, kernel=kernel)
-    sel_c, sel_a = flat.correct_tokens, flat.incorrect_sensitive
-    correct = SideTokens(logp_c, flat.v[sel_c], flat.sample[sel_c])
-    incorrect = SideTokens(logp_a, flat.v[sel_a], flat.sample[sel_a])
+    logp_correct, logp_incorrect = pair_logprobs(model, flat, cfg, no_grad_incorrect, kernel=kernel)
+    sel_correct, sel_incorrect = flat.correct_tokens, flat.incorrect_sensitive
+    correct = SideTokens(logp_correct, flat.v[sel_correct], flat.sample[sel_correct])
+    incorrect = SideTokens(logp_incorrect, flat.v[sel_incorrect], flat.sample[sel_incorrect])
     return fgit_loss(correct, incorrect, flat.n_samples, num_items_in_batch, cfg)
 
 
@@ -119,8 +119,8 @@ def verify_fidelity(
     """Check FGIT's log-probs against the model's own logits on this batch (see
     ``projection.check_fidelity``); raises ``FidelityError`` on a mismatch."""
     flat = flatten(inputs, cfg.granularity)
-    part = torch.ones_like(flat.correct_tokens)
-    want = wanted(flat, part, [flat.correct_tokens], one_row_attention(model))
+    part = torch.ones_like(flat.correct_tokens)  # every token after the first of its half:
+    want = wanted(flat, part, [flat.pos > 0], one_row_attention(model))  # the incorrect half too
     return check_fidelity(model, want, cfg.logprob_chunk_size, kernel)
 
 

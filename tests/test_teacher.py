@@ -75,10 +75,29 @@ def task_of(body: dict) -> int:
 
 
 def test_run_end_to_end_with_cost_and_no_leaked_key(tmp_path):
+    import litellm
+
+    # Our own price, so the cost check does not follow litellm's price table.
+    litellm.register_model(
+        {
+            "fgit-priced": {
+                "input_cost_per_token": 1e-6,
+                "output_cost_per_token": 2e-6,
+                "litellm_provider": "openai",
+                "mode": "chat",
+            }
+        }
+    )
     data = write_rows(tmp_path / "in.jsonl", 6)
     out = tmp_path / "out"
-    with LoopbackServer(ok) as srv:
-        proc = run_cli(*run_args(data, out, srv), env=ENV)
+
+    def priced(body: dict, index: int) -> Reply:
+        return Reply(200, completion(good_answers(body), model="fgit-priced"))
+
+    with LoopbackServer(priced) as srv:
+        args = run_args(data, out, srv)
+        args[args.index("openai/gpt-4o-mini")] = "openai/fgit-priced"
+        proc = run_cli(*args, env=ENV)
     assert len(srv.requests) == 6 and all(b["n"] == 3 for b in srv.requests)  # uses n
     ds = datasets.load_from_disk(str(out))
     assert len(ds) == 6
@@ -87,7 +106,8 @@ def test_run_end_to_end_with_cost_and_no_leaked_key(tmp_path):
     )
     assert all("[task" in p for p in ds["prompt"]) and "tests" in ds.column_names
     report = json.loads((out / "report.json").read_text())
-    assert report["teacher"]["cost_usd"] > 0  # litellm priced gpt-4o-mini usage
+    # 6 calls x (100 prompt tokens x $1e-6 + 50 completion tokens x $2e-6)
+    assert report["teacher"]["cost_usd"] == pytest.approx(6 * (100e-6 + 100e-6), rel=1e-6)
     assert "Problem:" in report["params"]["template"]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".sqlite" for p in files)
