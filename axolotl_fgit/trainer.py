@@ -1,11 +1,13 @@
-"""Axolotl trainer with FGIT's loss: one packed forward, chunked log-probs, metrics.
+"""Axolotl trainer with FGIT's loss: one forward per micro-batch, chunked log-probs, metrics.
 
-Each micro-batch is flattened into a single packed row (position ids restart per half,
-so attention stays inside each response), and the log-probabilities FGIT needs come from
-the model's own output head inside that forward (``projection``). By default one forward
-covers both halves of every pair; when the incorrect half needs no gradient
-(``detach_weights``, or a non-dynamic weighting during training) it runs first under
-``no_grad`` (no activations kept, no backward) and only the correct half is trained.
+Position ids restart at each half of a pair, so attention stays inside each response:
+with flash-attention every sequence of the micro-batch goes into one row (its varlen path);
+otherwise each batch row stays a row, so SDPA and eager attention build per-row masks. The
+log-probabilities FGIT needs come from the model's own output head inside that forward
+(``projection``), checked once against the model's own logits (``verify_fidelity``). By
+default one forward covers both halves of every pair; when the incorrect half needs no
+gradient (``detach_weights``, or a non-dynamic weighting during training) it runs first
+under ``no_grad`` (no activations kept, no backward) and only the correct half is trained.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Offline preprocessing for FGIT: ``fgit-preprocess`` (import name ``fgit_preprocess``)."""

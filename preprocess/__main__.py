@@ -1,4 +1,4 @@
-"""``python -m preprocess`` is ``fgit-preprocess``."""
+"""``python -m fgit_preprocess`` is ``fgit-preprocess``."""
 
 from fgit_preprocess.cli import main
 

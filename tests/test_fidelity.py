@@ -84,7 +84,14 @@ def build(config_cls: str, extra: dict, model_cls=None) -> torch.nn.Module:
     config = getattr(transformers, config_cls)(**{**COMMON, **extra})
     torch.manual_seed(0)
     if model_cls is None:
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, attn_implementation="sdpa"
+            )
+        except ValueError as err:  # some transformers releases fetch a Hub kernel at init
+            if "offline mode" not in str(err):
+                raise
+            pytest.skip(f"{config_cls} needs a Hub kernel this offline machine lacks: {err}")
     else:
         model = model_cls(config)
     return model.float().eval()
