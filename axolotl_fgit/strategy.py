@@ -145,26 +145,32 @@ class FGITChatTemplateStrategy(ChatTemplateStrategy):
         spans = row_spans(prompt, c)
         turns = self._prompt_turns(prompt)
         limit = self.sequence_len // 2  # each half gets half of sequence_len
-        halves = []
-        for side, text, lines, edits in (
-            (Side.CORRECT, prompt[c.correct], c.correct_line_spans, c.correct_edit_spans),
-            (Side.INCORRECT, prompt[c.incorrect], c.incorrect_line_spans, c.incorrect_edit_spans),
-        ):
-            half = self._half(prompt, turns, text)
-            masks = project(half["offsets"][:limit], spans[lines], spans[edits], half["start"])
-            labels = half["labels"][:limit] if side == Side.CORRECT else None
-            halves.append((side, half["input_ids"], labels, masks))
-        ids = [i for _, half_ids, _, _ in halves for i in half_ids[:limit]]
-        (_, correct_ids, labels, correct_masks), (_, incorrect_ids, _, incorrect_masks) = halves
-        n_correct, n_incorrect = min(len(correct_ids), limit), min(len(incorrect_ids), limit)
+        correct = self._half(prompt, turns, prompt[c.correct])
+        incorrect = self._half(prompt, turns, prompt[c.incorrect])
+        mask_c = project(
+            correct["offsets"][:limit],
+            spans[c.correct_line_spans],
+            spans[c.correct_edit_spans],
+            correct["start"],
+        )
+        mask_a = project(
+            incorrect["offsets"][:limit],
+            spans[c.incorrect_line_spans],
+            spans[c.incorrect_edit_spans],
+            incorrect["start"],
+        )
+        ids_c, ids_a = correct["input_ids"][:limit], incorrect["input_ids"][:limit]
         return {
-            "input_ids": ids,
-            "attention_mask": [1] * len(ids),
-            "labels": labels + [IGNORE_INDEX] * n_incorrect,
-            "fgit_side": [int(Side.CORRECT)] * n_correct + [int(Side.INCORRECT)] * n_incorrect,
-            "fgit_line": [*correct_masks.line.tolist(), *incorrect_masks.line.tolist()],
-            "fgit_edit": [*correct_masks.edit.tolist(), *incorrect_masks.edit.tolist()],
-            TRUNCATED_COLUMN: int(max(len(correct_ids), len(incorrect_ids)) > limit),
+            "input_ids": ids_c + ids_a,
+            "attention_mask": [1] * (len(ids_c) + len(ids_a)),
+            # the correct half keeps Axolotl's SFT labels; the incorrect half is not trained
+            "labels": correct["labels"][:limit] + [IGNORE_INDEX] * len(ids_a),
+            "fgit_side": [int(Side.CORRECT)] * len(ids_c) + [int(Side.INCORRECT)] * len(ids_a),
+            "fgit_line": [*mask_c.line.tolist(), *mask_a.line.tolist()],
+            "fgit_edit": [*mask_c.edit.tolist(), *mask_a.edit.tolist()],
+            TRUNCATED_COLUMN: int(
+                max(len(correct["input_ids"]), len(incorrect["input_ids"])) > limit
+            ),
         }
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, for the lent GPU machine (prepare .gpu-wheels as
-# gpu_fsdp_check.sh says, then run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-wheels"])).
+# Every GPU check in one run (prepare .gpu-wheels as gpu_fsdp_check.sh says, then
+# bash benchmarks/gpu_check.sh on the GPU machine).
 # Prints, in order: FGIT vs SFT throughput and memory (random-init 135M and 1.3B, bf16,
 # packed); FGIT's log-prob kernels against each other and the bf16 fidelity check per
 # architecture; fgit-eval pairs/s on the GPU; Axolotl's own FSDP2 path (gpu_fsdp_check.sh).

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for FGIT under Axolotl's own FSDP2 path (what CPU-only CI cannot run: Axolotl
-# 0.19 maps ranks to CUDA devices). For the lent GPU machine (see shared/gpu/README.md):
-#   here:   shared/gpu/wheelhouse.sh .gpu-wheels && echo /.gpu-wheels/ >> .git/info/exclude
-#   device: run(command="bash benchmarks/gpu_fsdp_check.sh", carry=[".gpu-wheels"])
+# 0.19 maps ranks to CUDA devices). On a GPU machine without Axolotl, put its wheels (and
+# whatever else that machine lacks, for its Python) in .gpu-wheels first; gpu_env.sh
+# installs them into /tmp/site. Then: bash benchmarks/gpu_fsdp_check.sh
 # It builds a random-init SmolLM2-shaped model (weights cannot travel), makes pairs with the
 # mutation teacher, then trains 6 steps with FSDP2 on all visible GPUs and 6 steps without
 # FSDP on one GPU, and prints both runs' FGIT metrics and losses side by side.

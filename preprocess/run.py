@@ -2,7 +2,8 @@
 
 Stages: normalise rows → ask the teacher (litellm, or the offline mutation teacher)
 for K variants → filter each answer (``variants``) → keep the most similar valid one
-(``select``) → error-sensitive spans (``pipeline``) → Arrow + report + rejects.
+(``selection``; with ``--tests-field`` only variants that fail the row's tests, run in the
+``sandbox``) → error-sensitive spans (``pipeline``) → Arrow + card + report + rejects.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
 from fgit_preprocess.cache import AnswerCache
 from fgit_preprocess.card import format_usd
 from fgit_preprocess.diff import DiffScope, code_view
-from fgit_preprocess.pipeline import (
-    REJECT,
-    REJECT_DETAIL,
-    MaskFn,
-    compute_masks,
-    save,
-    write_rejects,
-)
+from fgit_preprocess.pipeline import MaskFn, compute_masks, save, write_rejects
 from fgit_preprocess.sandbox import Limits, isolation, run_many
 from fgit_preprocess.selection import EmbeddingScorer, choose, levenshtein_scores
 from fgit_preprocess.sources import (
+    REJECT,
+    REJECT_DETAIL,
     Fields,
     RowError,
     normalise_row,
