@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from axolotl_fgit.contract import Columns, ContractError, read_params
-from axolotl_fgit.kernels import kernel_problems
 
 LOG = logging.getLogger("axolotl_fgit")
 PLUGIN = "axolotl_fgit.FGITPlugin"
@@ -86,8 +86,9 @@ class FGITConfig(BaseModel):
         return self
 
 
-def _get(data: Any, key: str) -> Any:
-    return data.get(key) if isinstance(data, dict) else getattr(data, key, None)
+def setting(cfg: Any, key: str) -> Any:
+    """One key of an Axolotl config, whether a raw mapping, a DictDefault or a pydantic model."""
+    return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
 
 
 def _zero_stage(deepspeed: Any) -> int | None:
@@ -139,7 +140,7 @@ class FGITArgs(BaseModel):
             )
         problems = []
         for key in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size"):
-            if (_get(data, key) or 1) > 1:
+            if (setting(data, key) or 1) > 1:
                 problems.append(
                     f"{key}: {data[key]} splits sequences across ranks, but FGIT "
                     f"pairs each correct response with its incorrect one in one "
@@ -156,25 +157,27 @@ class FGITArgs(BaseModel):
                 "needs its own. Remove them or remove the fgit: block"
             )
         for flag in ("kd_trainer", "rl", "reward_model", "process_reward_model", "orpo_alpha"):
-            if _get(data, flag):
+            if setting(data, flag):
                 problems.append(
                     f"{flag} replaces the SFT trainer that FGIT extends; remove "
                     f"{flag} or the fgit: block"
                 )
-        if _zero_stage(_get(data, "deepspeed")) == 3:
+        if _zero_stage(setting(data, "deepspeed")) == 3:
             problems.append(
                 "deepspeed: ZeRO-3 partitions lm_head outside the forward, where "
                 "FGIT projects hidden states in per-rank chunks; use ZeRO-2 or "
                 "FSDP (fsdp_version: 2)"
             )
+        from axolotl_fgit.kernels import kernel_problems  # kernels reads configs via setting
+
         problems += kernel_problems(data)
-        if _get(data, "torch_compile"):
+        if setting(data, "torch_compile"):
             problems.append(
                 "torch_compile: FGIT swaps the output head for chunked log-probs inside the "
                 "forward, which has not been verified under torch.compile; set "
                 "torch_compile: false"
             )
-        if _get(data, "pretraining_dataset"):
+        if setting(data, "pretraining_dataset"):
             problems.append(
                 "pretraining_dataset has no correct/incorrect pairs; use "
                 f"datasets: with type: {STRATEGY_PREFIX}"
@@ -182,9 +185,9 @@ class FGITArgs(BaseModel):
         datasets = data.get("datasets") or []
         for key in ("datasets", "test_datasets"):
             wrong = [
-                _get(d, "type")
+                setting(d, "type")
                 for d in data.get(key) or []
-                if not str(_get(d, "type") or "").startswith(STRATEGY_PREFIX)
+                if not str(setting(d, "type") or "").startswith(STRATEGY_PREFIX)
             ]
             if wrong:
                 problems.append(
@@ -192,21 +195,21 @@ class FGITArgs(BaseModel):
                     f"type: {STRATEGY_PREFIX} (output of fgit-preprocess)"
                 )
         columns = (
-            Columns(**(_get(data["fgit"], "columns") or {}))
+            Columns(**(setting(data["fgit"], "columns") or {}))
             if isinstance(data["fgit"], dict)
             else data["fgit"].columns
         )
         for ds in [*datasets, *(data.get("test_datasets") or [])]:
             try:
-                read_params(Path(str(_get(ds, "path") or "")))
+                read_params(Path(str(setting(ds, "path") or "")))
             except ContractError as err:
                 problems.append(str(err))
-            present = local_columns(str(_get(ds, "path") or ""))
-            field = _get(ds, "field_messages")
+            present = local_columns(str(setting(ds, "path") or ""))
+            field = setting(ds, "field_messages")
             expected = replace(columns, messages=field) if field else columns
             if present is not None and (missing := expected.missing(present)):
                 problems.append(
-                    f"dataset {_get(ds, 'path')} lacks FGIT columns {missing} "
+                    f"dataset {setting(ds, 'path')} lacks FGIT columns {missing} "
                     f"(has {sorted(present)}); run fgit-preprocess on it, or map "
                     "your column names under fgit.columns"
                 )
@@ -217,7 +220,7 @@ class FGITArgs(BaseModel):
 
 def fgit_config(cfg: Any) -> FGITConfig:
     """The validated ``fgit:`` block from an Axolotl cfg (dict or pydantic)."""
-    raw = cfg.get("fgit") if hasattr(cfg, "get") else getattr(cfg, "fgit", None)
+    raw = setting(cfg, "fgit")
     if isinstance(raw, FGITConfig):
         return raw
     return FGITConfig(**(dict(raw) if raw else {}))

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from axolotl_fgit.args import setting
+
 
 class Kernel(str, Enum):
     chunked = "chunked"
@@ -39,13 +41,9 @@ REQUESTS = {
 }
 
 
-def _get(cfg: Any, key: str) -> Any:
-    return cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-
-
 def requested_kernel(cfg: Any) -> Kernel:
     """The kernel the Axolotl config asks for (the first one, if both are on)."""
-    return next((k for k, (key, *_) in REQUESTS.items() if _get(cfg, key)), Kernel.chunked)
+    return next((k for k, (key, *_) in REQUESTS.items() if setting(cfg, key)), Kernel.chunked)
 
 
 def kernel_problems(cfg: Any) -> list[str]:
@@ -54,9 +52,9 @@ def kernel_problems(cfg: Any) -> list[str]:
     then drop the key without a word)."""
     problems = []
     for key, module, package, plugin in REQUESTS.values():
-        if not _get(cfg, key):
+        if not setting(cfg, key):
             continue
-        if plugin not in (_get(cfg, "plugins") or []):
+        if plugin not in (setting(cfg, "plugins") or []):
             problems.append(
                 f"{key}: true takes effect only with plugins: [{plugin}]; add it or remove {key}"
             )

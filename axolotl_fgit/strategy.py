@@ -28,7 +28,7 @@ try:
     from axolotl.utils.logging import get_logger
     from pydantic import BaseModel
 
-    from axolotl_fgit.args import PLUGIN, FGITConfig, fgit_config
+    from axolotl_fgit.args import PLUGIN, FGITConfig, fgit_config, setting
     from axolotl_fgit.contract import (
         IGNORE_INDEX,
         TRUNCATED_COLUMN,
@@ -53,7 +53,7 @@ RENDERS_TEXT = hasattr(ChatTemplatePrompter, "build_prompt_text")
 
 def dataset_columns(columns: Columns, ds_cfg: Any) -> Columns:
     """The columns of one ``datasets:`` entry: its ``field_messages`` names the chat turns."""
-    field = ds_cfg.get("field_messages") if hasattr(ds_cfg, "get") else None
+    field = setting(ds_cfg, "field_messages")
     return replace(columns, messages=field) if field else columns
 
 
@@ -185,7 +185,7 @@ class FGITStrategyLoader(StrategyLoader):
         return {**super()._get_strategy_params(cfg, ds_cfg), "columns": columns}
 
     def __call__(self, tokenizer, cfg, ds_cfg=None, processor=None):
-        if not (cfg.get("fgit") if hasattr(cfg, "get") else getattr(cfg, "fgit", None)):
+        if not setting(cfg, "fgit"):
             raise ValueError(
                 "datasets: type axolotl_fgit.strategy needs the FGIT plugin and its config; add "
                 f"plugins: [{PLUGIN}] and an fgit: block (for example fgit: {{alpha: 2.0}})"
