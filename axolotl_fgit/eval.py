@@ -142,7 +142,8 @@ def _load_pairs(data: Path, limit: int | None):
     return ds.select(range(min(limit, len(ds)))) if limit else ds
 
 
-def _tokenizer(model: str, tokenizer: str | None):
+def load_tokenizer(model: str, tokenizer: str | None = None):
+    """The tokenizer of a model folder, or of the base model a LoRA adapter names."""
     from transformers import AutoTokenizer
 
     path = tokenizer or model
@@ -179,7 +180,7 @@ def main(
         raise typer.BadParameter(f"{model} is not a model folder", param_hint="--model")
     torch_device, torch_dtype = resolve(device, dtype)
     try:
-        tok = _tokenizer(model, tokenizer)
+        tok = load_tokenizer(model, tokenizer)
         loaded = load_model(model, torch_dtype, torch_device)
     except (OSError, ValueError) as err:
         raise typer.BadParameter(f"cannot load {model}: {err}", param_hint="--model") from None

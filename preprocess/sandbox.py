@@ -192,8 +192,15 @@ def run_tests(solution: str, tests: str, limits: Limits = Limits()) -> Outcome:
 
 
 def run_many(
-    jobs: list[tuple[str, str]], limits: Limits = Limits(), workers: int | None = None
+    jobs: list[tuple[str, str]],
+    limits: Limits = Limits(),
+    workers: int | None = None,
+    desc: str | None = None,
 ) -> list[Outcome]:
-    """``run_tests`` for each ``(solution, tests)``, several at a time, in order."""
+    """``run_tests`` for each ``(solution, tests)``, several at a time, in order; with a
+    progress bar when ``desc`` names the work."""
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda job: run_tests(*job, limits), jobs))
+        runs = pool.map(lambda job: run_tests(*job, limits), jobs)
+        return list(tqdm(runs, total=len(jobs), desc=desc, unit="run", disable=desc is None))

