@@ -140,7 +140,7 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
     k = settings.k
     per_problem["pass@1"] = {p.id: float(v.greedy) for p, v in zip(problems, verdicts)}
     per_problem["pass@1_sampled"] = {p.id: v.pass_at(1) for p, v in zip(problems, verdicts)}
-    per_problem[f"pass@{k}"] = {p.id: v.pass_at(k) for p, v in zip(problems, verdicts)}
+    per_problem[f"pass@{k}_sampled"] = {p.id: v.pass_at(k) for p, v in zip(problems, verdicts)}
     metrics = {
         key: statistics.fmean(values.values()) if values else float("nan")
         for key, values in per_problem.items()

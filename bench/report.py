@@ -20,7 +20,7 @@ def metric_names(k: int) -> dict[str, str]:
         "margin": "margin Hc−Ha",
         "pass@1": "pass@1 (greedy)",
         "pass@1_sampled": "pass@1 (sampled)",
-        f"pass@{k}": f"pass@{k} (sampled)",
+        f"pass@{k}_sampled": f"pass@{k} (sampled)",
     }
 
 

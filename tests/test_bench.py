@@ -152,7 +152,7 @@ def test_quick_ab_runs_end_to_end_through_axolotl_train(tmp_path, tiny_dir):
     for model in results["models"]:
         assert list(model["per_problem"]["pass@1"]) == held_out
         assert sum(model["outcomes"].values()) == 6 * 3  # greedy + 2 samples, each run
-        for key in ("pair_acc", "pass@1", "pass@1_sampled", "pass@2"):
+        for key in ("pair_acc", "pass@1", "pass@1_sampled", "pass@2_sampled"):
             assert 0.0 <= model["metrics"][key] <= 1.0
     assert results["data"]["train_pairs"] > 0 and results["data"]["held_out_pairs"] > 0
     for run in ("sft-s0", "dynamic-s0"):
@@ -168,3 +168,28 @@ def test_quick_ab_runs_end_to_end_through_axolotl_train(tmp_path, tiny_dir):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert set(results["summary"]) == {"base", "sft", "dynamic"}
     assert (out / "results.md").read_text().count("\n") == 5
+
+
+def test_report_keeps_greedy_pass_at_1_apart_from_sampled_when_k_is_1():
+    from fgit_bench.report import summarise, table
+
+    def model(arm, seed, greedy, sampled):
+        per_problem = {
+            "pair_acc": {"a": 1.0, "b": 0.0},
+            "margin": {"a": 0.2, "b": -0.1},
+            "pass@1": {"a": greedy, "b": 0.0},
+            "pass@1_sampled": {"a": sampled, "b": 0.0},
+        }
+        metrics = {k: sum(v.values()) / 2 for k, v in per_problem.items()}
+        return {"arm": arm, "seed": seed, "metrics": metrics, "per_problem": per_problem}
+
+    models = [model("base", None, 1.0, 0.0), model("sft", 0, 0.0, 1.0), model("sft", 1, 0.0, 0.5)]
+    summary = summarise(models, k=1)
+    assert (
+        summary["base"]["pass@1"]["mean"] == 0.5 and summary["base"]["pass@1_sampled"]["mean"] == 0
+    )
+    assert summary["sft"]["seeds"] == 2 and summary["sft"]["pass@1_sampled"]["mean"] == 0.375
+    assert summary["sft"]["pass@1_sampled"]["sd"] == pytest.approx(0.1767767)
+    lines = table(summary, 1, {"sft": 60.0}).splitlines()
+    assert lines[0].count("pass@1") == 2 and len(lines) == 4
+    assert lines[3].startswith("| sft | 0.500 ± 0.000") and lines[3].endswith("| 1.0 min |")
