@@ -39,7 +39,6 @@ class Teacher:
     num_variants: int = 4
     similarity: str = "embedding"
     embedder: str = "microsoft/unixcoder-base"
-    test_seconds: int = 3  # a doctest of these functions takes milliseconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +57,7 @@ class Settings:
     sampling: Sampling = field(default_factory=Sampling)
     k: int = 2
     launcher: str = "python"
+    test_seconds: int = 3  # CPU per sandboxed run; a doctest here takes milliseconds
 
 
 def _split(settings: Settings) -> dict[str, list[Problem]]:
@@ -72,7 +72,7 @@ def _split(settings: Settings) -> dict[str, list[Problem]]:
     return out
 
 
-def make_pairs(problems: list[Problem], folder: Path, teacher: Teacher) -> Path:
+def make_pairs(problems: list[Problem], folder: Path, teacher: Teacher, test_seconds: int) -> Path:
     """``fgit-preprocess run`` on ``problems``: the pairs directory it wrote."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = folder / "problems.jsonl"
@@ -86,7 +86,7 @@ def make_pairs(problems: list[Problem], folder: Path, teacher: Teacher) -> Path:
         "--similarity", teacher.similarity,
         "--embedder", teacher.embedder,
         "--tests-field", "tests",
-        "--test-seconds", str(teacher.test_seconds),
+        "--test-seconds", str(test_seconds),
         "--overwrite",
         *(["--api-base", teacher.api_base] if teacher.api_base else []),
     ]  # fmt: skip
@@ -135,7 +135,7 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
     writer = load_model(model_dir, getattr(torch, fast), device)
     answers = write_answers(writer, tokenizer, problems, settings.sampling)
     del writer
-    seconds = settings.teacher.test_seconds
+    seconds = settings.test_seconds
     verdicts = judge(problems, answers, Limits(cpu_seconds=seconds, wall_seconds=2 * seconds + 5))
     k = settings.k
     per_problem["pass@1"] = {p.id: float(v.greedy) for p, v in zip(problems, verdicts)}
@@ -167,7 +167,7 @@ def run(settings: Settings) -> dict[str, Any]:
     LOG.info("problems: %d train, %d held out", len(split["train"]), len(split["held_out"]))
     t0 = time.monotonic()
     pairs = {
-        name: make_pairs(problems, out / "data" / name, settings.teacher)
+        name: make_pairs(problems, out / "data" / name, settings.teacher, settings.test_seconds)
         for name, problems in split.items()
     }
     preprocess_seconds = time.monotonic() - t0
