@@ -137,7 +137,9 @@ def build(package_dir: Path, workers: int | None = None) -> tuple[list[Problem],
             found += _candidates(path, module)
         except (SyntaxError, UnicodeDecodeError):
             dropped["unparsable-module"] += 1
-    outcomes = run_many([(p.solution, p.tests) for p in found], Limits(wall_seconds=30), workers)
+    # The CPU limit bounds each run; the wall limit is generous so that a busy machine
+    # does not drop a slow reference (the file must rebuild the same anywhere).
+    outcomes = run_many([(p.solution, p.tests) for p in found], Limits(wall_seconds=120), workers)
     kept = []
     for problem, outcome in zip(found, outcomes):
         if outcome.passed:
