@@ -112,7 +112,24 @@ def _pair_metrics(model, tokenizer, pairs: Path, sequence_len: int) -> dict[str,
         if score is not None:
             acc[problem] = float(score[0] > score[1])
             margin[problem] = score[0] - score[1]
+    if len(acc) < len(rows):
+        LOG.warning(
+            "%d of %d held-out pairs are not scored: a side has no error-sensitive token "
+            "within sequence_len %d",
+            len(rows) - len(acc),
+            len(rows),
+            sequence_len,
+        )
     return {"pair_acc": acc, "margin": margin}
+
+
+def _generation_dtype(device: Any) -> Any:
+    """bfloat16 on a GPU or a CPU with native bf16 units (AMX/AVX512-BF16), else float32:
+    sampling does not need float32, and it dominates the A/B's time."""
+    import torch
+
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if device.type == "cuda" or native else torch.float32
 
 
 def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Settings) -> dict:
@@ -120,7 +137,6 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
     import torch
 
     from axolotl_fgit.eval import load_model, load_tokenizer
-    from fgit_preprocess.selection import fast_dtype
 
     start = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,8 +147,8 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
     )
     per_problem = _pair_metrics(exact, tokenizer, pairs, settings.training.sequence_len)
     del exact
-    fast = "bfloat16" if device.type == "cuda" else fast_dtype("cpu")
-    writer = load_model(model_dir, getattr(torch, fast), device)
+    fast = _generation_dtype(device)
+    writer = load_model(model_dir, fast, device)
     answers = write_answers(writer, tokenizer, problems, settings.sampling)
     del writer
     seconds = settings.test_seconds
@@ -154,7 +170,7 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
         "per_problem": per_problem,
         "answers": {p.id: a.greedy for p, a in zip(problems, answers)},
         "outcomes": failures,
-        "generation_dtype": fast,
+        "generation_dtype": str(fast).removeprefix("torch."),
         "seconds": time.monotonic() - start,
     }
 
@@ -217,6 +233,7 @@ def run(settings: Settings) -> dict[str, Any]:
         },
         "models": models,
         "summary": report.summarise(models, settings.k),
+        "differences": report.differences(models, settings.k),
         "histories": histories,
         "timings": {
             "preprocess_seconds": preprocess_seconds,

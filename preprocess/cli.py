@@ -283,9 +283,9 @@ def run(
     ),
     embed_batch_size: int = typer.Option(16, min=1, help="Embedding batch size."),
     embed_dtype: str = typer.Option(
-        "auto",
-        help="Embedder precision: auto (float16 on a GPU, bfloat16 on CPUs with native bf16, "
-        "else float32), float32, bfloat16 or float16.",
+        "float32",
+        help="Embedder precision: float32, bfloat16 or float16. Half precision is faster "
+        "but can pick a different variant when a row's candidates are near-identical.",
     ),
     require_parse: bool = typer.Option(
         False, "--require-parse", help="Reject Python variants that do not parse."
@@ -326,8 +326,8 @@ def run(
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactFilter())
-    if embed_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        _fail(f"--embed-dtype must be auto, float32, bfloat16 or float16, not {embed_dtype!r}")
+    if embed_dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--embed-dtype must be float32, bfloat16 or float16, not {embed_dtype!r}")
     if similarity not in ("embedding", "levenshtein"):
         _fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
     if diff_scope not in ("code", "response"):

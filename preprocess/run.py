@@ -67,7 +67,7 @@ class RunOptions:
     similarity: str = "embedding"  # embedding | levenshtein
     embedder: str = "microsoft/unixcoder-base"
     embed_batch_size: int = 16
-    embed_dtype: str = "auto"
+    embed_dtype: str = "float32"
     require_parse: bool = False
     diff_scope: DiffScope = "code"
     seed: int = 0

@@ -167,7 +167,11 @@ def test_quick_ab_runs_end_to_end_through_axolotl_train(tmp_path, tiny_dir):
     for name in ("curves.png", "metrics.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert set(results["summary"]) == {"base", "sft", "dynamic"}
-    assert (out / "results.md").read_text().count("\n") == 5
+    md = (out / "results.md").read_text().splitlines()
+    assert (
+        len(md) == 11 and md[6].startswith("| arm − sft (paired)") and md[8].startswith("| dynamic")
+    )
+    assert set(results["differences"]) == {"dynamic"}
 
 
 def test_report_keeps_greedy_pass_at_1_apart_from_sampled_when_k_is_1():
@@ -193,3 +197,30 @@ def test_report_keeps_greedy_pass_at_1_apart_from_sampled_when_k_is_1():
     lines = table(summary, 1, {"sft": 60.0}).splitlines()
     assert lines[0].count("pass@1") == 2 and len(lines) == 4
     assert lines[3].startswith("| sft | 0.500 ± 0.000") and lines[3].endswith("| 1.0 min |")
+
+
+def test_differences_pair_each_problem_with_the_reference_arm():
+    from fgit_bench.report import difference_table, differences
+
+    def model(arm, seed, values):
+        per_problem = {key: dict(zip("abcd", values)) for key in ("pair_acc", "margin", "pass@1")}
+        per_problem["pass@1_sampled"] = per_problem["pass@1"]
+        metrics = {k: sum(v.values()) / 4 for k, v in per_problem.items()}
+        return {"arm": arm, "seed": seed, "metrics": metrics, "per_problem": per_problem}
+
+    models = [
+        model("base", None, [1, 1, 1, 1]),
+        model("sft", 0, [0, 0, 1, 1]),
+        model("dyn", 0, [1, 1, 1, 0]),
+        model("dyn", 1, [1, 0, 1, 0]),  # seeds are averaged per problem first: 1, .5, 1, 0
+    ]
+    diffs = differences(models, k=1)
+    assert set(diffs) == {"dyn"}  # neither the reference nor the base model
+    stat = diffs["dyn"]["pass@1"]
+    assert stat["mean"] == pytest.approx((1 + 0.5 + 0 - 1) / 4)
+    assert (stat["better"], stat["worse"], stat["n"]) == (2, 1, 4)
+    lo, hi = stat["ci95"]
+    assert -1 <= lo < stat["mean"] < hi <= 1
+    assert differences([m for m in models if m["arm"] != "sft"], k=1) == {}
+    row = difference_table(diffs, 1).splitlines()[2]
+    assert row.startswith("| dyn | +0.125 [") and row.endswith("(2/1) |")

@@ -99,3 +99,5 @@ def test_run_records_similarity_with_a_local_embedder(tmp_path, minilm_dir):
     assert all(0.5 < s <= 1.0 for s in ds["similarity"])
     assert all(1 <= n <= 3 for n in ds["num_valid_variants"])
     assert datasets.load_from_disk(str(again))["incorrect"] == ds["incorrect"]  # deterministic
+    # float32 by default: half precision can pick another near-identical variant
+    assert json.loads((out / "fgit_params.json").read_text())["embed_dtype"] == "float32"
