@@ -63,14 +63,15 @@ def differences(
     by_arm = _by_arm(models)
     if reference not in by_arm:
         return {}
+    theirs = {key: _per_problem(by_arm[reference], key) for key in metric_names(k)}
     out: dict[str, dict[str, Any]] = {}
     for arm, runs in by_arm.items():
         if arm in (reference, "base"):
             continue
         out[arm] = {}
         for key in metric_names(k):
-            mine, theirs = _per_problem(runs, key), _per_problem(by_arm[reference], key)
-            diff = [mine[p] - theirs[p] for p in mine if p in theirs]
+            mine = _per_problem(runs, key)
+            diff = [mine[p] - theirs[key][p] for p in mine if p in theirs[key]]
             out[arm][key] = {
                 "mean": sum(diff) / len(diff) if diff else math.nan,
                 "ci95": bootstrap_ci(diff),
