@@ -65,11 +65,15 @@ def parse_arm(spec: str) -> Arm:
     try:
         FGITConfig(**fgit)
     except ValidationError as err:
-        problems = "; ".join(
-            f"fgit.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(_explain(e) for e in err.errors())
         raise ArmError(f"--arm {spec!r}: {problems}") from None
     return Arm(label, fgit)
+
+
+def _explain(error: Any) -> str:
+    """One pydantic error as ``fgit.<key>: why``; whole-block checks already name the key."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"fgit.{'.'.join(map(str, error['loc']))}: {message}" if error["loc"] else message
 
 
 @dataclass(frozen=True, kw_only=True)
