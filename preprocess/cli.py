@@ -91,7 +91,8 @@ def _setup_logging() -> None:
     )
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """Say what is wrong and exit 2, the code Click gives bad usage; fgit-bench shares it."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -104,16 +105,16 @@ def _check_output(output: Path, overwrite: bool, input: str) -> None:
     source = Path(input).resolve()
     target = output.resolve()
     if target == source or source in target.parents or target in source.parents:
-        _fail(f"--output {output} overlaps --input {input}; write the dataset elsewhere")
+        fail(f"--output {output} overlaps --input {input}; write the dataset elsewhere")
     if output.exists() and not output.is_dir():
-        _fail(f"--output {output} is a file; pass a directory path")
+        fail(f"--output {output} is a file; pass a directory path")
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):
-        _fail(f"--output {output}: {parent} is not writable")
+        fail(f"--output {output}: {parent} is not writable")
     if output.exists() and any(output.iterdir()) and not overwrite:
-        _fail(f"{output} exists and is not empty; pass --overwrite to replace it")
+        fail(f"{output} exists and is not empty; pass --overwrite to replace it")
 
 
 def _options(cls, values: dict, **given):
@@ -133,7 +134,7 @@ def _push(output: Path, repo: str | None) -> None:
         try:
             url = push_to_hub(output, repo)
         except Exception as err:  # the Hub client raises many types; the data is safe locally
-            _fail(
+            fail(
                 f"--push-to-hub {repo} failed ({type(err).__name__}: {err}); the dataset is "
                 f"complete in {output}, push it later with huggingface-cli upload"
             )
@@ -164,9 +165,9 @@ def _load_tokenizer(name: str | None):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        _fail(f"--tokenizer {name} cannot be loaded: {err}")
+        fail(f"--tokenizer {name} cannot be loaded: {err}")
     if not tok.is_fast:
-        _fail(f"--tokenizer {name} has no fast tokenizer; offset mappings need one")
+        fail(f"--tokenizer {name} has no fast tokenizer; offset mappings need one")
     return tok
 
 
@@ -195,7 +196,7 @@ def masks(
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
 
     if diff_scope not in ("code", "response"):
-        _fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
+        fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
     _check_output(output, overwrite, input)
     try:
         ds, bad_lines = load_rows(input, split)
@@ -208,7 +209,7 @@ def masks(
             paired=True,
         )
     except InputError as err:
-        _fail(str(err))
+        fail(str(err))
     ds = _limited(ds, limit)
     fn = MaskFn(fields, diff_scope, _load_tokenizer(tokenizer))
     kept, rejected = compute_masks(ds, fn, num_proc)
@@ -223,7 +224,7 @@ def masks(
     try:
         report = save(kept, rejected, output, params, extra_rejects=bad_lines)
     except (EmptyOutput, OSError) as err:
-        _fail(str(err))
+        fail(str(err))
     _print_report(report, output)
     _push(output, push_to_hub)
 
@@ -327,20 +328,20 @@ def run(
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactFilter())
     if embed_dtype not in ("float32", "bfloat16", "float16"):
-        _fail(f"--embed-dtype must be float32, bfloat16 or float16, not {embed_dtype!r}")
+        fail(f"--embed-dtype must be float32, bfloat16 or float16, not {embed_dtype!r}")
     if similarity not in ("embedding", "levenshtein"):
-        _fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
+        fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
     if diff_scope not in ("code", "response"):
-        _fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
+        fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
     _check_output(output, overwrite, input)
     try:
         template = load_template(prompt_template)
         ds, bad_lines = load_rows(input, split)
         fields = resolve_fields(ds.column_names, prompt_field, correct_field, None, messages_field)
     except (InputError, ValueError, OSError) as err:
-        _fail(str(err))
+        fail(str(err))
     if tests_field and tests_field not in ds.column_names:
-        _fail(
+        fail(
             f"--tests-field {tests_field!r} is not a column; columns: {', '.join(ds.column_names)}"
         )
     ds = _limited(ds, limit)
@@ -362,14 +363,14 @@ def run(
     try:
         report = generate(ds, fields, output, opts, bad_lines)
     except TeacherFatal as err:
-        _fail(f"the teacher refused the run, stopping at once: {err}")
+        fail(f"the teacher refused the run, stopping at once: {err}")
     except BudgetStop as err:
         typer.secho(
             f"{err}\nTo resume: {_resume_command(max_cost)}", fg=typer.colors.YELLOW, err=True
         )
         raise typer.Exit(3) from None
     except (EmptyOutput, RuntimeError, OSError) as err:
-        _fail(str(err))
+        fail(str(err))
     _print_report(report, output)
     _push(output, push_to_hub)
 
@@ -419,24 +420,24 @@ def inspect(
     from fgit_preprocess.inspection import render, summary
 
     if not (input / "state.json").exists():
-        _fail(f"{input} is not a dataset written by fgit-preprocess (no state.json)")
+        fail(f"{input} is not a dataset written by fgit-preprocess (no state.json)")
     if html.is_dir():
-        _fail(f"--html {html} is a directory; pass a file path such as {html / 'pairs.html'}")
+        fail(f"--html {html} is a directory; pass a file path such as {html / 'pairs.html'}")
     try:
         read_params(input)
         ds = datasets.load_from_disk(str(input))
     except (ContractError, OSError, ValueError) as err:
-        _fail(f"{input} cannot be read as FGIT data: {err}")
+        fail(f"{input} cannot be read as FGIT data: {err}")
     if missing := DEFAULT_COLUMNS.missing(ds.column_names):
-        _fail(f"{input} is not FGIT data: it lacks {missing}; run fgit-preprocess on it")
+        fail(f"{input} is not FGIT data: it lacks {missing}; run fgit-preprocess on it")
     if rows:
         try:
             chosen = [int(x) for x in rows.split(",")]
         except ValueError:
-            _fail(f"--rows must be comma-separated integers, not {rows!r}")
+            fail(f"--rows must be comma-separated integers, not {rows!r}")
         bad = [i for i in chosen if not 0 <= i < len(ds)]
         if bad:
-            _fail(f"--rows {bad} out of range; the dataset has {len(ds)} rows")
+            fail(f"--rows {bad} out of range; the dataset has {len(ds)} rows")
     else:
         chosen = sorted(random.Random(seed).sample(range(len(ds)), min(num, len(ds))))
     stats = summary(ds, input)

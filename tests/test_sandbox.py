@@ -101,3 +101,10 @@ def test_it_has_no_network():
 def test_many_runs_keep_their_order():
     jobs = [(f"x = {i}", f"assert x == {i}") for i in range(6)] + [("x = 0", "assert x == 1")]
     assert [o.passed for o in run_many(jobs, LIMITS, workers=2)] == [True] * 6 + [False]
+
+
+def test_string_hashing_is_the_same_in_every_run():
+    """A doctest that prints a set of strings must pass or fail the same way each time."""
+    jobs = [("print(hash('fgit'), list({'0', '1', '2', '3'}))", "")] * 4
+    outputs = {o.output for o in run_many(jobs, LIMITS, workers=2)}
+    assert len(outputs) == 1, outputs
