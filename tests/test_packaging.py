@@ -50,7 +50,9 @@ def test_cli_works_beside_pypi_preprocess_and_a_users_preprocess_py(tmp_path):
 
 def test_no_module_shadows_the_standard_library():
     ours = [
-        p.stem for folder in ("axolotl_fgit", "preprocess", "bench") for p in (ROOT / folder).glob("*.py")
+        p.stem
+        for folder in ("axolotl_fgit", "preprocess", "bench")
+        for p in (ROOT / folder).glob("*.py")
     ]
     clashes = sorted(set(ours) & set(sys.stdlib_module_names))
     assert not clashes, f"modules named like stdlib modules: {clashes}"
