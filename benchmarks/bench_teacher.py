@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fgit_preprocess.models import offline_embedder
-from loopback_server import LoopbackServer, Reply, completion  # noqa: E402
+from loopback_server import LoopbackServer, Reply, completion
 
 ANSWER = "```python\ndef f(x):\n    return x - 1\n```\n"
 
