@@ -1,6 +1,8 @@
-"""Local model folders: turn a GGUF checkpoint into a Hugging Face folder once.
+"""Local model folders: turn a GGUF checkpoint into a Hugging Face folder once, and find
+the sentence embedder a package ships.
 
-Used by the demo and the tests, which must run offline from files a package ships.
+Used by the demo, fgit-bench and the tests, which must run offline from files a package
+ships.
 """
 
 from __future__ import annotations
