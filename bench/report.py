@@ -13,6 +13,10 @@ from fgit_bench.metrics import bootstrap_ci, mean_sd
 CURVES = ("loss", "fgit/Hc", "fgit/Ha", "fgit/pair_acc")
 
 
+# The arm every other arm is compared with, problem by problem.
+REFERENCE = "sft"
+
+
 def metric_names(k: int) -> dict[str, str]:
     """Result key → column title, in table order."""
     return {
@@ -54,7 +58,7 @@ def summarise(models: list[dict[str, Any]], k: int) -> dict[str, dict[str, Any]]
 
 
 def differences(
-    models: list[dict[str, Any]], k: int, reference: str = "sft"
+    models: list[dict[str, Any]], k: int, reference: str = REFERENCE
 ) -> dict[str, dict[str, Any]]:
     """Per arm other than ``reference`` and the base model: the mean per-problem
     difference arm − reference and its paired 95% bootstrap interval. Both arms answer the
@@ -103,7 +107,7 @@ def table(summary: dict[str, dict[str, Any]], k: int, train_seconds: dict[str, f
     return "\n".join(lines)
 
 
-def difference_table(diffs: dict[str, dict[str, Any]], k: int, reference: str = "sft") -> str:
+def difference_table(diffs: dict[str, dict[str, Any]], k: int, reference: str = REFERENCE) -> str:
     """Markdown table of ``differences``: mean [95% CI] (problems better / worse)."""
     names = metric_names(k)
     head = [f"arm − {reference} (paired)", *names.values()]
@@ -176,7 +180,7 @@ def write(results: dict[str, Any], folder: Path) -> list[Path]:
         text += "\n" + difference_table(results["differences"], k) + "\n"
         text += (
             "\nPaired over the same held-out problems; (n/m) = problems where the arm "
-            "scored higher / lower than sft.\n"
+            f"scored higher / lower than {REFERENCE}.\n"
         )
     md.write_text(text, encoding="utf-8")
     out = folder / "results.json"
