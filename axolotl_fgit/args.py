@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from axolotl_fgit.contract import Columns, ContractError, read_params
 
@@ -70,6 +70,18 @@ class FGITConfig(BaseModel):
         "before training stops with an error (the count is always logged).",
     )
     columns: Columns = Field(default_factory=Columns)
+
+    @field_validator("alpha", "eps", "logprob_chunk_size", "max_truncated_fraction", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false would pass as 1/0: a number is meant, so say which."""
+        if isinstance(value, bool):
+            default = cls.model_fields[info.field_name].default
+            raise ValueError(
+                f"fgit.{info.field_name} must be a number, not the boolean {str(value).lower()}; "
+                f"for example {info.field_name}: {default}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _alpha(self) -> FGITConfig:

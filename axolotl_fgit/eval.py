@@ -127,9 +127,13 @@ def _load_pairs(data: Path, limit: int | None):
         )
     try:
         read_params(data)
-        ds = datasets.load_from_disk(str(data))
+        # A folder without data files (a 0-row save) makes load_from_disk raise IndexError.
+        has_rows = bool(json.loads((data / "state.json").read_text()).get("_data_files"))
+        ds = datasets.load_from_disk(str(data)) if has_rows else []
     except (ContractError, OSError, ValueError) as err:
         raise typer.BadParameter(str(err), param_hint="--data") from None
+    if len(ds) == 0:
+        raise typer.BadParameter(f"{data} has no rows: nothing to score", param_hint="--data")
     if isinstance(ds, datasets.DatasetDict):
         raise typer.BadParameter(
             f"{data} holds splits {list(ds)}; pass one split's folder", param_hint="--data"
@@ -140,6 +144,30 @@ def _load_pairs(data: Path, limit: int | None):
             param_hint="--data",
         )
     return ds.select(range(min(limit, len(ds)))) if limit else ds
+
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+
+
+def check_model_folder(model: str) -> None:
+    """Say what a folder lacks before transformers guesses at it (its guess is a missing
+    tokenizer library): a config and weights, of a full model or of a LoRA adapter."""
+    folder = Path(model)
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{model} is not a model folder", param_hint="--model")
+    configs = [n for n in ("config.json", "adapter_config.json") if (folder / n).exists()]
+    if not configs:
+        raise typer.BadParameter(
+            f"{model} is not a model folder: it has no config.json (nor adapter_config.json); "
+            "pass the folder that axolotl train or save_pretrained wrote",
+            param_hint="--model",
+        )
+    if not any(next(folder.glob(pattern), None) for pattern in _WEIGHTS):
+        raise typer.BadParameter(
+            f"{model} has {configs[0]} but no weights (model*.safetensors, "
+            "pytorch_model*.bin or adapter_model.safetensors); was the save interrupted?",
+            param_hint="--model",
+        )
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None):
@@ -176,8 +204,7 @@ def main(
 ) -> None:
     """Pairwise accuracy (Hc > Ha) and margin Hc − Ha of a model on an FGIT dataset."""
     rows = _load_pairs(data, limit)
-    if not Path(model).is_dir():
-        raise typer.BadParameter(f"{model} is not a model folder", param_hint="--model")
+    check_model_folder(model)
     torch_device, torch_dtype = resolve(device, dtype)
     try:
         tok = load_tokenizer(model, tokenizer)

@@ -24,7 +24,7 @@ from fgit_bench import report
 from fgit_bench.arms import Arm, Training, arm_config, history, train
 from fgit_bench.generation import Sampling, judge, write_answers
 from fgit_bench.problems import Problem, load
-from fgit_preprocess.sandbox import Limits
+from fgit_preprocess.sandbox import Limits, SandboxMode, isolation
 
 LOG = logging.getLogger("fgit.bench")
 BASE = "base"
@@ -58,6 +58,7 @@ class Settings:
     k: int = 2
     launcher: str = "python"
     test_seconds: int = 3  # CPU per sandboxed run; a doctest here takes milliseconds
+    sandbox: SandboxMode = "bwrap"  # how generated code is contained (fgit-preprocess --sandbox)
 
 
 def _split(settings: Settings) -> dict[str, list[Problem]]:
@@ -72,7 +73,7 @@ def _split(settings: Settings) -> dict[str, list[Problem]]:
     return out
 
 
-def make_pairs(problems: list[Problem], folder: Path, teacher: Teacher, test_seconds: int) -> Path:
+def make_pairs(problems: list[Problem], folder: Path, settings: Settings) -> Path:
     """``fgit-preprocess run`` on ``problems``: the pairs directory it wrote."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = folder / "problems.jsonl"
@@ -81,14 +82,15 @@ def make_pairs(problems: list[Problem], folder: Path, teacher: Teacher, test_sec
     command = [
         sys.executable, "-m", "fgit_preprocess", "run",
         "-i", str(rows), "-o", str(pairs),
-        "--teacher", teacher.name,
-        "--num-variants", str(teacher.num_variants),
-        "--similarity", teacher.similarity,
-        "--embedder", teacher.embedder,
+        "--teacher", settings.teacher.name,
+        "--sandbox", settings.sandbox,
+        "--num-variants", str(settings.teacher.num_variants),
+        "--similarity", settings.teacher.similarity,
+        "--embedder", settings.teacher.embedder,
         "--tests-field", "tests",
-        "--test-seconds", str(test_seconds),
+        "--test-seconds", str(settings.test_seconds),
         "--overwrite",
-        *(["--api-base", teacher.api_base] if teacher.api_base else []),
+        *(["--api-base", settings.teacher.api_base] if settings.teacher.api_base else []),
     ]  # fmt: skip
     log = folder / "preprocess.log"
     with log.open("w", encoding="utf-8") as fh:
@@ -152,7 +154,8 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
     answers = write_answers(writer, tokenizer, problems, settings.sampling)
     del writer
     seconds = settings.test_seconds
-    verdicts = judge(problems, answers, Limits(cpu_seconds=seconds, wall_seconds=2 * seconds + 5))
+    limits = Limits(mode=settings.sandbox, cpu_seconds=seconds, wall_seconds=2 * seconds + 5)
+    verdicts = judge(problems, answers, limits)
     k = settings.k
     per_problem["pass@1"] = {p.id: float(v.greedy) for p, v in zip(problems, verdicts)}
     per_problem["pass@1_sampled"] = {p.id: v.pass_at(1) for p, v in zip(problems, verdicts)}
@@ -178,12 +181,13 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
 def run(settings: Settings) -> dict[str, Any]:
     """The whole A/B; returns (and writes under ``settings.out``) the results."""
     start = time.monotonic()
+    isolation(settings.sandbox)  # no sandbox here: stop before the first step
     out = settings.out
     split = _split(settings)
     LOG.info("problems: %d train, %d held out", len(split["train"]), len(split["held_out"]))
     t0 = time.monotonic()
     pairs = {
-        name: make_pairs(problems, out / "data" / name, settings.teacher, settings.test_seconds)
+        name: make_pairs(problems, out / "data" / name, settings)
         for name, problems in split.items()
     }
     preprocess_seconds = time.monotonic() - t0
@@ -223,6 +227,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "teacher": asdict(settings.teacher),
             "sampling": asdict(settings.sampling),
             "k": settings.k,
+            "sandbox": asdict(isolation(settings.sandbox)),
             "problems": str(settings.problems or "bundled: algorithms 1.0.1 (MIT)"),
         },
         "data": {

@@ -15,6 +15,8 @@ import yaml
 
 from fgit_preprocess.cli import fail
 from fgit_preprocess.models import offline_embedder
+from fgit_preprocess.sandbox import MODES as SANDBOX_MODES
+from fgit_preprocess.sandbox import SandboxUnavailable, isolation
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 LOG = logging.getLogger("fgit.bench")
@@ -75,6 +77,11 @@ def ab(
     temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature."),
     max_new_tokens: int = typer.Option(256, min=1, help="Generated tokens per answer."),
     launcher: str = typer.Option("python", help="axolotl train --launcher (python | accelerate)."),
+    sandbox: str = typer.Option(
+        "bwrap",
+        help="How generated code is contained: bwrap (default; stops if bubblewrap cannot "
+        "run) or rlimits (weaker, asked for by name). See fgit-preprocess run --help.",
+    ),
     quick: bool = typer.Option(
         False, "--quick", help=f"Smoke-test the harness in minutes: {QUICK}."
     ),
@@ -97,6 +104,12 @@ def ab(
         max_steps, samples = QUICK["max_steps"], QUICK["samples"]
         k, max_new_tokens = QUICK["k"], QUICK["max_new_tokens"]
         sequence_len = QUICK["sequence_len"]
+    if sandbox not in SANDBOX_MODES:
+        fail(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {sandbox!r}")
+    try:
+        isolation(sandbox)
+    except SandboxUnavailable as err:
+        fail(str(err))
     k = k or samples
     if k > samples:
         fail(f"--k {k} is larger than --samples {samples}; pass@k needs k <= n")
@@ -143,6 +156,7 @@ def ab(
         sampling=Sampling(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens),
         k=k,
         launcher=launcher,
+        sandbox=sandbox,
     )
     try:
         results = run(settings)

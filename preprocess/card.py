@@ -45,7 +45,13 @@ def render(report: dict[str, Any]) -> str:
             f"- teacher cost: {format_usd(teacher.get('cost_usd', 0.0))}",
         ]
     if "tests" in report:
-        lines.append(f"- variants checked against tests: {json.dumps(report['tests'])}")
+        tests = {k: v for k, v in report["tests"].items() if k != "sandbox"}
+        lines.append(f"- variants checked against tests: {json.dumps(tests)}")
+        sandbox = report["tests"].get("sandbox") or {}
+        lines.append(
+            f"- tests ran in the sandbox: {sandbox.get('mode')} (namespaces: "
+            f"{', '.join(sandbox.get('namespaces') or []) or 'none'}; user {sandbox.get('user')})"
+        )
     lines += ["", "## Rejected rows", ""]
     lines += [f"- {reason}: {n}" for reason, n in rejects.items()] or ["- none"]
     if report.get("variant_rejects_by_reason"):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shlex
 import sys
 from pathlib import Path
 
+import click
 import typer
 
 app = typer.Typer(
@@ -97,24 +99,48 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _check_output(output: Path, overwrite: bool, input: str) -> None:
-    """Refuse, before any work, an output that cannot or must not be written."""
+def _check_output(output: Path, overwrite: bool, input: str, *written: tuple[str, Path]) -> None:
+    """Refuse, before any work, an output that cannot or must not be written, then lock it.
+
+    Every file a run writes (the dataset folder, ``<output>.rejects.jsonl`` and the
+    ``written`` extras such as the answer cache) is checked against the input: none may be
+    it, hold it or lie inside it.
+    """
     import datasets
 
+    from fgit_preprocess.pipeline import OutputBusy, claim
+    from fgit_preprocess.sources import rejects_path
+
     datasets.disable_caching()  # map() caches go to a temporary folder, never the input's
+    if output.is_symlink():
+        fail(
+            f"--output {output} is a symbolic link (to {os.readlink(output)}); pass the "
+            "folder it should be, not a link"
+        )
     source = Path(input).resolve()
-    target = output.resolve()
-    if target == source or source in target.parents or target in source.parents:
-        fail(f"--output {output} overlaps --input {input}; write the dataset elsewhere")
+    for what, path in [("--output", output), ("the rejects file", rejects_path(output)), *written]:
+        target = path.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            fail(
+                f"{what} {path} would overwrite --input {input} (it is the input, holds it or "
+                "lies inside it); choose another --output"
+            )
     if output.exists() and not output.is_dir():
         fail(f"--output {output} is a file; pass a directory path")
-    parent = target.parent
+    parent = output.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         fail(f"--output {output}: {parent} is not writable")
     if output.exists() and any(output.iterdir()) and not overwrite:
         fail(f"{output} exists and is not empty; pass --overwrite to replace it")
+    try:
+        lock = claim(output)
+    except OutputBusy as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"--output {output} cannot be written: {err}")
+    click.get_current_context().call_on_close(lock.close)  # held until the command ends
 
 
 def _options(cls, values: dict, **given):
@@ -141,17 +167,30 @@ def _push(output: Path, repo: str | None) -> None:
         typer.echo(f"pushed to {url}")
 
 
-def _resume_command(max_cost: float) -> str:
-    """The command line that resumes a budget stop: the same, with twice the budget."""
+def resume_budget(teacher: dict) -> float | None:
+    """A ``--max-cost`` that finishes a stopped run: what was spent (cached answers count)
+    plus the unsent requests at the average cost so far, with a quarter for variance;
+    None when nothing has been paid yet, so there is nothing to estimate from."""
+    answered = teacher["calls"] + teacher["cached"]
+    spent = teacher["cost_usd"]
+    if not answered or spent <= 0:
+        return None
+    need = 1.25 * spent * (answered + teacher["unsent"]) / answered
+    step = 10.0 ** (math.floor(math.log10(need)) - 1)  # rounded up to two digits
+    return float(f"{math.ceil(need / step) * step:.2g}")
+
+
+def _resume_command(budget: float | None) -> str:
+    """This command line with ``--max-cost`` set to ``budget`` (dropped when None)."""
     args, out, skip = sys.argv[1:], [], False
     for i, arg in enumerate(args):
         if skip:
             skip = False
         elif arg == "--max-cost" and i + 1 < len(args):
-            out += ["--max-cost", f"{2 * max_cost:g}"]
+            out += ["--max-cost", f"{budget:g}"] if budget is not None else []
             skip = True
         elif arg.startswith("--max-cost="):
-            out.append(f"--max-cost={2 * max_cost:g}")
+            out += [f"--max-cost={budget:g}"] if budget is not None else []
         else:
             out.append(arg)
     return shlex.join(["fgit-preprocess", *out])
@@ -301,10 +340,18 @@ def run(
     tests_field: str | None = typer.Option(
         None,
         help="Column with each row's tests (Python asserts or a test harness). The correct "
-        "response and every candidate variant run against them in a sandbox (rlimits, "
-        "timeout, no network, empty directory, clean environment): variants that pass are "
-        "rejected as 'equivalent', rows whose correct response fails as 'bad-reference'; "
-        "report.json gives the kill rate.",
+        "response and every candidate variant run against them in a sandbox (see "
+        "--sandbox): variants that pass are rejected as 'equivalent', rows whose correct "
+        "response fails as 'bad-reference'; report.json gives the kill rate.",
+    ),
+    sandbox: str = typer.Option(
+        "bwrap",
+        help="How --tests-field code is contained. 'bwrap' (default): bubblewrap with new "
+        "PID, mount, network, IPC, UTS and user namespaces, private tmpfs folders, only "
+        "/usr and the interpreter visible, an unprivileged user, and limits; the run stops "
+        "if bubblewrap cannot run here. 'rlimits': weaker, asked for by name: limits, a "
+        "network namespace and the user nobody, but the host's files and processes stay "
+        "visible. Untrusted code never runs as root in either.",
     ),
     test_seconds: int = typer.Option(
         10,
@@ -319,8 +366,10 @@ def run(
     """Generate similar-but-wrong variants with a teacher, keep the closest valid one per
     row, mark error-sensitive segments and write the Arrow dataset plus report.json."""
     _setup_logging()
+    from fgit_preprocess.card import format_usd
     from fgit_preprocess.pipeline import EmptyOutput
     from fgit_preprocess.run import BudgetStop, RunOptions, generate
+    from fgit_preprocess.sandbox import MODES as SANDBOX_MODES
     from fgit_preprocess.sandbox import Limits
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
     from fgit_preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
@@ -333,13 +382,16 @@ def run(
         fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
     if diff_scope not in ("code", "response"):
         fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
-    _check_output(output, overwrite, input)
+    cache = cache or output.with_name(output.name + ".teacher-cache.sqlite")
+    _check_output(output, overwrite, input, ("--cache", cache))
     try:
         template = load_template(prompt_template)
         ds, bad_lines = load_rows(input, split)
         fields = resolve_fields(ds.column_names, prompt_field, correct_field, None, messages_field)
     except (InputError, ValueError, OSError) as err:
         fail(str(err))
+    if sandbox not in SANDBOX_MODES:
+        fail(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {sandbox!r}")
     if tests_field and tests_field not in ds.column_names:
         fail(
             f"--tests-field {tests_field!r} is not a column; columns: {', '.join(ds.column_names)}"
@@ -351,8 +403,8 @@ def run(
         locals(),
         teacher=settings,
         template=template,
-        cache=cache or output.with_name(output.name + ".teacher-cache.sqlite"),
-        sandbox=Limits(cpu_seconds=test_seconds, wall_seconds=2 * test_seconds + 5),
+        cache=cache,
+        sandbox=Limits(mode=sandbox, cpu_seconds=test_seconds, wall_seconds=2 * test_seconds + 5),
         extra_params={
             "input": input,
             "split": split,
@@ -365,8 +417,17 @@ def run(
     except TeacherFatal as err:
         fail(f"the teacher refused the run, stopping at once: {err}")
     except BudgetStop as err:
+        budget = resume_budget(err.report["teacher"])
+        advice = (
+            f"the rest should cost about {format_usd(budget - err.report['teacher']['cost_usd'])}"
+            if budget is not None
+            else "nothing has been paid yet, so there is no estimate: set --max-cost above "
+            "the expected cost, or drop it as below"
+        )
         typer.secho(
-            f"{err}\nTo resume: {_resume_command(max_cost)}", fg=typer.colors.YELLOW, err=True
+            f"{err}\n{advice}. To resume: {_resume_command(budget)}",
+            fg=typer.colors.YELLOW,
+            err=True,
         )
         raise typer.Exit(3) from None
     except (EmptyOutput, RuntimeError, OSError) as err:

@@ -7,6 +7,7 @@ with its reason and is counted in ``report.json``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
 from axolotl_fgit.contract import PARAMS_FILE, params_record, project
@@ -144,6 +145,67 @@ class EmptyOutput(RuntimeError):
     """No row survived; nothing that looks like a dataset is written."""
 
 
+class OutputBusy(RuntimeError):
+    """Another process is writing the same output."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _partials(output: Path) -> list[Path]:
+    prefix = f".{output.name}.partial-"
+    return [p for p in output.parent.iterdir() if p.name.startswith(prefix)]
+
+
+def claim(output: Path) -> IO[str]:
+    """Lock ``output`` until the returned file is closed, then remove the partial folders
+    that killed runs left beside it: two runs never write one output, and a crash leaves
+    nothing behind for good. The lock is ``.<output>.lock`` beside the output."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fh = (output.parent / f".{output.name}.lock").open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise OutputBusy(
+            f"{output} is being written by another fgit-preprocess (pid {holder}); wait for "
+            "it to finish or choose another --output"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    for partial in _partials(output):
+        pid = partial.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            LOG.info("removing %s, left by a run that was killed", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+    return fh
+
+
+def nothing_kept(output: Path, rejected, extra: list[dict[str, Any]] = ()) -> tuple[Counter, str]:
+    """Write the rejects of a run that kept no row. An old dataset at ``output`` (the run
+    was asked to overwrite it) goes too, so the folder never sits beside another run's
+    rejects; the returned note says so."""
+    counts = write_rejects(rejects_path(output), rejected, extra)
+    if not output.exists():
+        return counts, f"Nothing was written to {output}"
+    shutil.rmtree(output)
+    return counts, (
+        f"Nothing was written, and the previous dataset in {output} was removed "
+        "(--overwrite) so that it is not taken for this run's"
+    )
+
+
 def save(
     kept,
     rejected,
@@ -158,6 +220,12 @@ def save(
     and only then renamed onto ``output`` (replacing what was there): a crash never leaves a
     folder that looks complete, and an output with no row is refused (``EmptyOutput``).
     """
+    if len(kept) == 0:
+        counts, note = nothing_kept(output, rejected, extra_rejects)
+        raise EmptyOutput(
+            f"no row survived ({sum(counts.values())} rejected: {dict(sorted(counts.items()))})"
+            f"; see {rejects_path(output)}. {note}"
+        )
     counts = write_rejects(rejects_path(output), rejected, extra_rejects)
     n_rejected = sum(counts.values())
     full = {
@@ -169,11 +237,6 @@ def save(
         "params": params,
         **(report or {}),
     }
-    if len(kept) == 0:
-        raise EmptyOutput(
-            f"no row survived ({n_rejected} rejected: {full['rejects_by_reason']}); see "
-            f"{rejects_path(output)}. Nothing was written to {output}"
-        )
     import datasets
 
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")

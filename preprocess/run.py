@@ -20,7 +20,7 @@ from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
 from fgit_preprocess.cache import AnswerCache
 from fgit_preprocess.card import format_usd
 from fgit_preprocess.diff import DiffScope, code_view
-from fgit_preprocess.pipeline import MaskFn, compute_masks, save, write_rejects
+from fgit_preprocess.pipeline import MaskFn, compute_masks, nothing_kept, save
 from fgit_preprocess.sandbox import Limits, isolation, run_many
 from fgit_preprocess.selection import EmbeddingScorer, choose, levenshtein_scores
 from fgit_preprocess.sources import (
@@ -237,7 +237,7 @@ def _prove_wrong(rows, originals, kept_rows, candidates, opts: RunOptions):
         "variants_killed": killed,
         "equivalent": len(run_variants) - killed,
         "kill_rate": killed / len(run_variants) if run_variants else None,
-        "sandbox": asdict(isolation()),
+        "sandbox": asdict(isolation(opts.sandbox.mode)),
     }
     return keep_rows, keep_cands, rejects, report
 
@@ -251,6 +251,9 @@ def generate(
     ask = _ask_mutate if opts.teacher.model == MUTATE else _ask_llm
     if ask is _ask_llm:
         preflight(opts.teacher)  # a missing key or unknown model fails before the embedder
+        AnswerCache(opts.cache).close()  # so does a --cache that is not one
+    if opts.tests_field:
+        isolation(opts.sandbox.mode)  # no sandbox here: stop before any teacher work
     # Load the embedder before the teacher runs, so a bad path costs nothing.
     scorer = (
         EmbeddingScorer(opts.embedder, opts.embed_batch_size, dtype=opts.embed_dtype)
@@ -275,14 +278,20 @@ def generate(
         rejects += lost
         variant_reasons[EQUIVALENT] += tests_report["equivalent"]
     if not kept_rows:
-        write_rejects(rejects_path(output), [], rejects)
-        cause = (
-            f"the teacher failed: {_dominant(outcome.errors)}"
-            if outcome.errors
-            else f"variant rejects {dict(variant_reasons)}"
-        )
+        counts, note = nothing_kept(output, [], rejects)
+        if outcome.errors:
+            cause = f"the teacher failed: {_dominant(outcome.errors)}"
+        elif not counts:
+            cause = "the input has no rows"
+        else:
+            reason, _ = counts.most_common(1)[0]
+            example = next(r[REJECT_DETAIL] for r in rejects if r[REJECT] == reason)
+            cause = (
+                f"rows rejected {dict(counts)}, variant rejects {dict(variant_reasons)}; "
+                f"a {reason} row: {example[:300]}"
+            )
         raise RuntimeError(
-            f"no row has a valid variant; {cause}. Every row is in {rejects_path(output)}"
+            f"no row has a valid variant; {cause}. Every row is in {rejects_path(output)}. {note}"
         )
 
     correct_code = [code_view(rows[i][COLS.correct]).text for i in kept_rows]

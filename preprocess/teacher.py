@@ -287,7 +287,8 @@ class Teacher:
                 response = await asyncio.wait_for(
                     self.litellm.acompletion(**kwargs), self.s.timeout + 5
                 )
-                texts = [c.message.content or "" for c in response.choices]
+                # A server may echo what it was sent, the key included: scrub before storing.
+                texts = [redact(c.message.content or "") for c in response.choices]
                 return texts, self._cost(response)
             except Exception as err:  # classified below; nothing is swallowed
                 kind = classify(err)
@@ -338,7 +339,7 @@ class Teacher:
         for req in requests:
             hit = self.cache.get(req.key)
             if hit is not None:
-                out.texts.setdefault(req.row, []).extend(hit[0])
+                out.texts.setdefault(req.row, []).extend(map(redact, hit[0]))
                 out.cost_cached += hit[1]
                 out.cached += 1
             else:

@@ -44,13 +44,23 @@ def _parses(code: str) -> bool:
     return True
 
 
+def _bare_code(correct_code: str, answer: str, correct_fenced: bool) -> bool:
+    """An unfenced answer is the whole variant only when the correct response is bare code
+    too; a Python reference that parses needs an answer that parses (not prose)."""
+    if correct_fenced:
+        return False
+    return not _parses(correct_code) or _parses(answer)
+
+
 def candidate(correct: str, answer: str, require_parse: bool = False) -> Candidate:
     """Check one teacher answer against the correct response (FGIT issue 3 filters)."""
     if not answer or not answer.strip():
         return Candidate(reason=EMPTY)
     answer_view, correct_view = code_view(answer), code_view(correct)
-    if not answer_view.fenced:
-        return Candidate(reason=REFUSAL if _REFUSAL.search(answer) else NO_CODE)
+    if _REFUSAL.search(answer) and not answer_view.fenced:
+        return Candidate(reason=REFUSAL)
+    if not answer_view.fenced and not _bare_code(correct_view.text, answer, correct_view.fenced):
+        return Candidate(reason=NO_CODE)
     code = answer_view.text
     if not code.strip():
         return Candidate(reason=EMPTY)

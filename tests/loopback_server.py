@@ -65,7 +65,8 @@ Responder = Callable[[dict, int], Reply]
 class LoopbackServer:
     """Serve ``/v1/chat/completions`` from ``responder(request_body, request_index)``.
 
-    ``requests`` holds every body received, ``answered`` the bodies of completed 200s.
+    ``requests`` holds every body received, ``headers`` their HTTP headers (in the same
+    order), ``answered`` the bodies of completed 200s.
     ``threaded=True`` runs the responder off the event loop (for slow model generation).
     """
 
@@ -73,6 +74,7 @@ class LoopbackServer:
         self.responder = responder
         self.threaded = threaded
         self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []
         self.answered: list[dict] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -88,6 +90,7 @@ class LoopbackServer:
         with self._lock:
             index = len(self.requests)
             self.requests.append(body)
+            self.headers.append(dict(request.headers))
         if self.threaded:
             reply = await asyncio.to_thread(self.responder, body, index)
         else:

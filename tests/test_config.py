@@ -68,6 +68,8 @@ def test_valid_config_loads_with_defaults(tmp_path, tiny_dir, pairs):
         ({"fgit": {"alpha": 0.5}}, "fgit.alpha must be a finite number >= 1"),
         ({"fgit": {"alpha": float("nan")}}, "fgit.alpha must be a finite number >= 1"),
         ({"fgit": {"alpha": float("inf")}}, "fgit.alpha must be a finite number >= 1"),
+        ({"fgit": {"alpha": True}}, "fgit.alpha must be a number, not the boolean true"),
+        ({"fgit": {"eps": False}}, "fgit.eps must be a number, not the boolean false"),
         ({"fgit": "on"}, "fgit: must be a mapping of FGIT settings"),
         ({"torch_compile": True}, "set torch_compile: false"),
         ({"fgit": {"max_truncated_fraction": 2}}, "max_truncated_fraction"),

@@ -7,6 +7,7 @@ import json
 import datasets
 import pytest
 
+from axolotl_fgit.contract import PARAMS_FILE
 from conftest import SAMPLE_PAIRS, run_cli
 
 
@@ -61,3 +62,27 @@ def test_bad_paths_and_foreign_data_are_named(tmp_path, tiny_dir, pairs):
         module="axolotl_fgit.eval",
     )
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_a_folder_that_is_not_a_model_says_what_it_lacks(tmp_path, tiny_dir, pairs):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    proc = run_cli("--model", empty, "--data", pairs, ok=False, module="axolotl_fgit.eval")
+    assert proc.returncode == 2 and "it has no config.json" in proc.stderr, proc.stderr
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (no_weights / name).write_bytes((tiny_dir / name).read_bytes())
+    proc = run_cli("--model", no_weights, "--data", pairs, ok=False, module="axolotl_fgit.eval")
+    assert proc.returncode == 2 and "has config.json but no weights" in proc.stderr
+    assert "sentencepiece" not in proc.stderr and "tiktoken" not in proc.stderr
+
+
+def test_a_dataset_with_no_rows_is_named(tmp_path, tiny_dir, pairs):
+    empty = tmp_path / "empty"
+    datasets.load_from_disk(str(pairs)).select([]).save_to_disk(str(empty))
+    (empty / PARAMS_FILE).write_bytes((pairs / PARAMS_FILE).read_bytes())
+    proc = run_cli("--model", tiny_dir, "--data", empty, ok=False, module="axolotl_fgit.eval")
+    assert proc.returncode == 2 and "has no rows" in proc.stderr, proc.stderr
+    assert "IndexError" not in proc.stderr

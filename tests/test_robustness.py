@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -176,7 +178,7 @@ def test_output_equal_to_input_is_refused_and_the_input_untouched(tmp_path):
     datasets.Dataset.from_list([PAIR]).save_to_disk(str(src))
     before = sorted(p.name for p in src.iterdir())
     proc = run_cli("masks", "-i", src, "-o", src, "--overwrite", ok=False)
-    assert proc.returncode == 2 and "overlaps --input" in proc.stderr
+    assert proc.returncode == 2 and "would overwrite --input" in proc.stderr
     out = tmp_path / "out"
     run_cli("masks", "-i", src, "-o", out)
     assert sorted(p.name for p in src.iterdir()) == before  # no cache-*.arrow left in the input
@@ -294,3 +296,124 @@ def test_limit_card_and_failed_push(tmp_path):
     assert "fgit-preprocess run" in card and "teacher: `mutate`" in card
     assert f"rows: {report['rows_out']} kept of 3 read" in card
     assert os.path.getsize(out / "README.md") > 200
+
+
+# Issue 19 (cases 7, 9-14, 17): nothing lost, nothing misleading.
+def test_a_reference_that_times_out_is_named_as_the_cause(tmp_path):
+    row = {**json.loads(SAMPLE.open().readline()), "tests": "while True:\n    pass\n"}
+    out = tmp_path / "out"
+    proc = run_cli(
+        *teacher_args(jsonl(tmp_path / "in.jsonl", [row]), out, "mutate"),
+        *("--similarity", "levenshtein", "--tests-field", "tests", "--test-seconds", "1"),
+        ok=False,
+    )
+    assert proc.returncode == 2 and "rows rejected {'bad-reference': 1}" in proc.stderr
+    assert "the correct response fails its tests (cpu-time)" in proc.stderr, proc.stderr
+
+
+def test_no_output_file_may_be_the_input(tmp_path):
+    out = tmp_path / "out"
+    run_cli(
+        "masks", "-i", jsonl(tmp_path / "in.jsonl", [PAIR, {**PAIR, "incorrect": "x"}]), "-o", out
+    )
+    rejected = rejects_path(out)
+    before = rejected.read_bytes()
+    proc = run_cli("masks", "-i", rejected, "-o", out, "--overwrite", ok=False)
+    assert proc.returncode == 2 and "the rejects file" in proc.stderr
+    assert "would overwrite --input" in proc.stderr
+    assert rejected.read_bytes() == before and (out / "state.json").exists()
+    data = jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "response": PAIR["correct"]}])
+    before = data.read_bytes()
+    proc = run_cli(*teacher_args(data, tmp_path / "o2", "mutate"), "--cache", data, ok=False)
+    assert proc.returncode == 2 and f"--cache {data} would overwrite --input" in proc.stderr
+    assert data.read_bytes() == before
+
+
+def test_a_second_writer_of_one_output_is_refused(tmp_path):
+    data = jsonl(tmp_path / "in.jsonl", [PAIR])
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, pathlib\nfrom fgit_preprocess.pipeline import claim\n"
+            f"lock = claim(pathlib.Path({str(out)!r}))\nprint('held', flush=True)\ntime.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_cli("masks", "-i", data, "-o", out, ok=False)
+        assert proc.returncode == 2
+        assert f"being written by another fgit-preprocess (pid {holder.pid})" in proc.stderr
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_cli("masks", "-i", data, "-o", out)  # the lock died with its process
+
+
+def test_overwrite_that_keeps_nothing_leaves_no_stale_dataset(tmp_path):
+    out = tmp_path / "out"
+    run_cli("masks", "-i", jsonl(tmp_path / "good.jsonl", [PAIR]), "-o", out)
+    bad = jsonl(tmp_path / "bad.jsonl", [{**PAIR, "incorrect": PAIR["correct"]}])
+    proc = run_cli("masks", "-i", bad, "-o", out, "--overwrite", ok=False)
+    assert proc.returncode == 2 and "no row survived" in proc.stderr
+    assert "previous dataset" in proc.stderr and "was removed" in proc.stderr
+    assert not out.exists() and [r["reason"] for r in rejects(out)] == ["no-diff"]
+
+
+def test_partial_folders_of_killed_runs_are_removed(tmp_path):
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.partial-4194303"  # above pid_max's default: no such process
+    (dead / "data").mkdir(parents=True)
+    with subprocess.Popen(["sleep", "30"]) as alive_process:
+        alive = tmp_path / f".out.partial-{alive_process.pid}"
+        alive.mkdir()
+        run_cli("masks", "-i", jsonl(tmp_path / "in.jsonl", [PAIR]), "-o", out)
+        alive_process.kill()
+    assert not dead.exists() and alive.exists()  # a live writer's folder is not ours to take
+    assert (out / "state.json").exists()
+
+
+@pytest.mark.parametrize("target", ["folder", "empty-folder", "dangling"])
+def test_a_symlinked_output_is_refused_before_work(tmp_path, target):
+    real = tmp_path / "real"
+    if target != "dangling":
+        real.mkdir()
+    if target == "folder":
+        (real / "keep.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    data = jsonl(tmp_path / "in.jsonl", [PAIR])
+    proc = run_cli("masks", "-i", data, "-o", link, "--overwrite", ok=False)
+    assert proc.returncode == 2 and f"--output {link} is a symbolic link" in proc.stderr
+    assert link.is_symlink() and not rejects_path(link).exists()
+    assert target != "folder" or (real / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("scope", ["code", "response"])
+def test_the_mutation_teacher_mutates_bare_code(tmp_path, scope):
+    rows = [json.loads(line) for line in SAMPLE.open()][:4]
+    bare = [{"prompt": r["instruction"], "response": code_view(r["response"]).text} for r in rows]
+    assert not any("```" in r["response"] for r in bare)
+    out = tmp_path / "out"
+    run_cli(
+        *teacher_args(jsonl(tmp_path / "in.jsonl", bare), out, "mutate"),
+        *("--similarity", "levenshtein", "--diff-scope", scope),
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_out"] == 4 and "no-code-block" not in report["variant_rejects_by_reason"]
+    assert all("```" not in r for r in datasets.load_from_disk(str(out))["incorrect"])
+
+
+def test_a_cache_that_is_not_a_cache_is_refused_untouched(tmp_path):
+    notes = tmp_path / "notes.sqlite"
+    notes.write_text("my notes, not a database\n" * 200)
+    before = notes.read_bytes()
+    with LoopbackServer(lambda body, i: error(500, "unused")) as srv:
+        proc = openai_run(tmp_path, srv.url, "--cache", notes)
+    assert proc.returncode == 2 and f"--cache {notes} is not an answer cache" in proc.stderr
+    assert "Traceback" not in proc.stderr and not srv.requests
+    assert notes.read_bytes() == before

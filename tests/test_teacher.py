@@ -242,11 +242,22 @@ def test_sigkill_midway_then_resume_repeats_no_answered_request(tmp_path):
     assert got.to_list() == want.to_list()
 
 
-@pytest.mark.slow  # two fresh CLI processes
+def resume_command(stderr: str) -> list[str]:
+    return shlex.split(stderr.split("To resume: ", 1)[1].strip())
+
+
+@pytest.mark.slow  # three fresh CLI processes
 def test_max_cost_stops_cleanly_and_resumes(tmp_path):
     data = write_rows(tmp_path / "in.jsonl", 8)
     out = tmp_path / "out"
     with LoopbackServer(ok) as srv:
+        # A zero budget sends nothing, so there is no estimate: the advice drops the cap.
+        proc = run_cli(
+            *run_args(data, out, srv, "--max-cost", "0"), ok=False, env=ENV, fresh_process=True
+        )
+        assert proc.returncode == 3 and not srv.requests, proc.stderr
+        assert "nothing has been paid yet" in proc.stderr
+        assert "--max-cost" not in resume_command(proc.stderr)
         proc = run_cli(
             *run_args(data, out, srv, "--concurrency", "1", "--max-cost", "0.0001"),
             ok=False,
@@ -257,11 +268,11 @@ def test_max_cost_stops_cleanly_and_resumes(tmp_path):
         assert proc.returncode == 3 and "--max-cost" in proc.stderr, proc.stderr
         assert 0 < spent < 8 and f"{8 - spent} requests not sent" in proc.stderr
         assert not out.exists()  # nothing that looks like a dataset
-        command = shlex.split(proc.stderr.split("To resume: ", 1)[1].strip())
-        assert command[0] == "fgit-preprocess" and "0.0002" in command
-        # The printed command, as printed, resumes (twice the budget is still too little
-        # here, so raise it the same way once more).
-        command[command.index("0.0002")] = "10"
+        command = resume_command(proc.stderr)
+        assert command[0] == "fgit-preprocess"
+        budget = float(command[command.index("--max-cost") + 1])
+        assert budget > 8 / spent * 0.0001 * 0.9, budget  # covers what is left to do
+        # The printed command, exactly as printed, finishes the run.
         resumed = subprocess.run(
             [str(Path(sys.executable).parent / "fgit-preprocess"), *command[1:]],
             capture_output=True,
@@ -271,6 +282,29 @@ def test_max_cost_stops_cleanly_and_resumes(tmp_path):
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert len(srv.requests) == 8  # the answered requests were not sent again
     assert json.loads((out / "report.json").read_text())["rows_out"] == 8
+
+
+def test_an_echoed_key_is_scrubbed_before_anything_is_stored(tmp_path):
+    """A server that echoes the Authorization header into its answer: the key reaches
+    neither the dataset, the rejects file, the report nor the answer cache."""
+
+    def echo(body: dict, index: int) -> Reply:
+        header = srv.headers[index]["Authorization"]
+        answers = [
+            a.replace("```python\n", f"```python\n# {header}\n", 1) for a in good_answers(body)
+        ]
+        return Reply(200, completion(answers))
+
+    data = write_rows(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out"
+    with LoopbackServer(echo) as srv:
+        run_cli(*run_args(data, out, srv), env=ENV)
+    assert SECRET in srv.headers[0]["Authorization"]  # the server did see it
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != data]
+    assert any(p.suffix == ".sqlite" for p in written)
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert "***" in "".join(datasets.load_from_disk(str(out))["incorrect"])
 
 
 def test_parallel_calls_when_n_is_unsupported(tmp_path):
