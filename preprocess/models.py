@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 LOG = logging.getLogger("fgit.models")
 
@@ -25,11 +26,44 @@ def export_gguf(gguf: Path, folder: Path) -> Path:
     LOG.info("dequantising %s into %s (about a minute, once)", gguf.name, folder)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    as_plain_model(model, gguf.name)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     marker.write_text(json.dumps(source))
     return folder
+
+
+class NotDequantised(ValueError):
+    """A loaded checkpoint still holds packed or quantised weights."""
+
+
+def as_plain_model(model: Any, source: str) -> None:
+    """Forget how ``model`` was loaded once every weight is a plain floating-point tensor.
+
+    transformers 5 keeps the GGUF quantizer on a dequantised model and then refuses
+    ``save_pretrained`` ("quantized with GGUF and is not serializable"), although the
+    weights are ordinary tensors. Dropping that state is only right when they are, so
+    anything else (a packed or quantised layer, an integer weight) is an error.
+    """
+    import torch
+
+    odd = [
+        f"{name} ({type(tensor).__name__}, {tensor.dtype})"
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter)
+        or not tensor.dtype.is_floating_point
+    ]
+    if odd:
+        raise NotDequantised(
+            f"{source} did not load as plain floating-point weights ({', '.join(odd[:5])}"
+            f"{', …' if len(odd) > 5 else ''}); it cannot be saved as a Hugging Face model"
+        )
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def smollm2(folder: Path) -> Path:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up (idempotent), lint, and run the test suite. Arguments go to pytest:
-#   bash scripts/test.sh                 # everything (CI)
-#   bash scripts/test.sh -m "not slow"   # the fast loop, under two minutes
+#   bash scripts/test.sh                 # everything (CI): both stages below
+#   bash scripts/test.sh -m "not slow"   # the fast loop, under two minutes (stage 1 only)
+# Stage 1: the whole suite in .venv (Python 3.11, Axolotl 0.19 with the CPU torch).
+# Stage 2, on a full run only: the newest Axolotl on Python >= 3.12 (scripts/test-current.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +11,9 @@ bash scripts/setup.sh
 ruff format --check .
 ruff check .
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1
-exec python -m pytest -q "$@"
+echo "== stage 1: $(python --version), the pinned stack"
+python -m pytest -q "$@"
+deactivate
+if [ $# -eq 0 ]; then
+  bash scripts/test-current.sh
+fi

@@ -22,6 +22,23 @@ for _key in (
     os.environ.setdefault(_key, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Say which stack this run tests (also under -q): CI runs two stages, and its log
+    must show which Axolotl, transformers and torch each one ran."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("axolotl", "transformers", "torch"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"stack: Python {sys.version.split()[0]}, {', '.join(found)}")
+
 SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_PAIRS = ROOT / "examples" / "data" / "sample_pairs.jsonl"
 CACHE = Path(os.environ.get("FGIT_TEST_CACHE", ROOT / ".test-cache"))

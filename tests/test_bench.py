@@ -142,6 +142,7 @@ def test_problem_set_rebuilds_byte_for_byte_from_the_installed_package(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.compat
 def test_quick_ab_runs_end_to_end_through_axolotl_train(tmp_path, tiny_dir):
     out = tmp_path / "ab"
     proc = run_cli("ab", "--quick", "--model", tiny_dir, "-o", out, module="fgit_bench")
