@@ -131,11 +131,13 @@ def _bwrap_prefix(python: str, limits: Limits, script_fd: int) -> list[str]:
     size = str(limits.scratch_bytes)
     binds = ["--ro-bind", "/usr", "/usr"]
     install = os.path.realpath(_install_root(python))
-    if not install.startswith("/usr/"):
+    if install != "/usr" and not install.startswith("/usr/"):
         binds += ["--ro-bind", install, install]
-    for link in ("bin", "lib", "lib32", "lib64", "sbin"):
-        if os.path.islink(f"/{link}"):
-            binds += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+    for top in ("/bin", "/lib", "/lib32", "/lib64", "/sbin"):  # merged /usr or not
+        if os.path.islink(top):
+            binds += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            binds += ["--ro-bind", top, top]
     return [
         *prefix,
         tools["bwrap"] or "bwrap",

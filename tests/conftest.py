@@ -39,6 +39,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if reporter is not None:
         reporter.write_line(f"stack: Python {sys.version.split()[0]}, {', '.join(found)}")
 
+
 SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
 SAMPLE_PAIRS = ROOT / "examples" / "data" / "sample_pairs.jsonl"
 CACHE = Path(os.environ.get("FGIT_TEST_CACHE", ROOT / ".test-cache"))
