@@ -382,6 +382,8 @@ def run(
         fail(f"--similarity must be 'embedding' or 'levenshtein', not {similarity!r}")
     if diff_scope not in ("code", "response"):
         fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
+    if sandbox not in SANDBOX_MODES:
+        fail(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {sandbox!r}")
     cache = cache or output.with_name(output.name + ".teacher-cache.sqlite")
     _check_output(output, overwrite, input, ("--cache", cache))
     try:
@@ -390,8 +392,6 @@ def run(
         fields = resolve_fields(ds.column_names, prompt_field, correct_field, None, messages_field)
     except (InputError, ValueError, OSError) as err:
         fail(str(err))
-    if sandbox not in SANDBOX_MODES:
-        fail(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {sandbox!r}")
     if tests_field and tests_field not in ds.column_names:
         fail(
             f"--tests-field {tests_field!r} is not a column; columns: {', '.join(ds.column_names)}"

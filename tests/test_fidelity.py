@@ -30,7 +30,17 @@ FAMILIES = {
     "granite": ("GraniteConfig", {"logits_scaling": 4.0}),
     "cohere": ("CohereConfig", {"logit_scale": 0.25}),
     "hyperclovax": ("HyperCLOVAXConfig", {"logits_scaling": 0.5}),  # a multiplier here
-    "falcon_h1": ("FalconH1Config", {"lm_head_multiplier": 0.25}),
+    "falcon_h1": (  # small Mamba dimensions: the defaults cost 9 GB and a minute per forward
+        "FalconH1Config",
+        {
+            "lm_head_multiplier": 0.25,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 16,
+            "mamba_d_ssm": 64,
+            "mamba_d_state": 16,
+            "mamba_chunk_size": 16,
+        },
+    ),
     "phi3": ("Phi3Config", {"pad_token_id": 0}),
     "starcoder2": ("Starcoder2Config", {}),
     "gpt_neox": ("GPTNeoXConfig", {}),
