@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -66,8 +66,18 @@ class FGITConfig(BaseModel):
         0.05,
         ge=0,
         le=1,
-        description="Largest share of pairs allowed to have a half cut at sequence_len / 2 "
-        "before training stops with an error (the count is always logged).",
+        description="Largest share of pairs allowed to lose training tokens at "
+        "sequence_len / 2 (correct tokens, or sensitive incorrect ones) before training stops "
+        "with an error (the count is always logged).",
+    )
+    share_prefix: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run the incorrect response only from where it leaves the correct one, "
+        "attending to the correct response's tokens before that point (a tree mask, exact for "
+        "causal attention). auto: wherever it is exact and the attention backend takes the "
+        "mask (SDPA, eager, FlexAttention), else only cut the incorrect response after its "
+        "last sensitive "
+        "token; true: refuse to train without it; false: never.",
     )
     columns: Columns = Field(default_factory=Columns)
 
@@ -134,6 +144,26 @@ def local_columns(path: str) -> set[str] | None:
     return None
 
 
+# Attention backends that take a mask from the caller, as prefix sharing needs.
+TREE_MASK_BACKENDS = ("sdpa", "eager", "flex_attention")
+LEGACY_ATTENTION = {  # Axolotl's older boolean keys, and the backend each one names
+    "flash_attention": "flash_attention_2",
+    "flex_attention": "flex_attention",
+    "xformers_attention": "xformers",
+    "sage_attention": "sage",
+    "s2_attention": "s2_attention",
+    "sdp_attention": "sdpa",
+    "eager_attention": "eager",
+}
+
+
+def attention_backend(cfg: Any) -> str:
+    """The attention backend an Axolotl config asks for (Hugging Face's default: sdpa)."""
+    if named := setting(cfg, "attn_implementation"):
+        return str(named)
+    return next((v for k, v in LEGACY_ATTENTION.items() if setting(cfg, k)), "sdpa")
+
+
 class FGITArgs(BaseModel):
     """Top-level keys the plugin adds to Axolotl's config."""
 
@@ -188,6 +218,14 @@ class FGITArgs(BaseModel):
                 "torch_compile: FGIT swaps the output head for chunked log-probs inside the "
                 "forward, which has not been verified under torch.compile; set "
                 "torch_compile: false"
+            )
+        backend = attention_backend(data)
+        if setting(data["fgit"], "share_prefix") is True and backend not in TREE_MASK_BACKENDS:
+            problems.append(
+                f"fgit.share_prefix: true needs a tree attention mask, which attention backend "
+                f"{backend} cannot take; use attn_implementation: sdpa (or eager, "
+                "flex_attention), or set fgit.share_prefix: auto to run both halves there, the "
+                "incorrect one cut after its last sensitive token"
             )
         if setting(data, "pretraining_dataset"):
             problems.append(

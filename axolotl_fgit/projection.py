@@ -155,7 +155,8 @@ class Wanted:
     """Which next-token log-probs one forward must return.
 
     ``ids``/``pos`` are ``[rows, length]``; the hidden state at ``(row[i], col[i])`` predicts
-    ``targets[i]``.
+    ``targets[i]``. ``mask``, when set, is the 4-D attention mask the model gets as it is
+    (otherwise attention follows ``pos``: causal, restarting where a position is 0).
     """
 
     ids: torch.Tensor
@@ -163,6 +164,7 @@ class Wanted:
     row: torch.Tensor
     col: torch.Tensor
     targets: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 def accepts_logits_to_keep(lm: PreTrainedModel) -> bool:
@@ -234,6 +236,8 @@ def _forward_kwargs(lm: PreTrainedModel, want: Wanted, keep: torch.Tensor) -> di
         "use_cache": False,
         "return_dict": True,
     }
+    if want.mask is not None:
+        kwargs["attention_mask"] = want.mask
     if accepts_logits_to_keep(lm):
         kwargs["logits_to_keep"] = keep
     return kwargs

@@ -6,9 +6,10 @@ Axolotl's own ``chat_template`` strategy, with every option a ``type: chat_templ
 takes (``chat_template``, ``roles_to_train``, ``train_on_eos``, ``eot_tokens``,
 ``field_messages``, ``message_property_mappings``, system prompts): the correct half's
 labels are exactly the labels plain SFT would train on, and the incorrect half is not
-trained. ``fgit_side`` marks the halves, so Axolotl's packing, step counting and
-``sequence_len`` see every token the model reads; ``fgit_line`` / ``fgit_edit`` are the span
-masks projected onto the real tokens through the offset mapping.
+trained, and it ends at its last error-sensitive token (the only tokens FGIT reads from it;
+nothing after them can change them). ``fgit_side`` marks the halves, so Axolotl's packing,
+step counting and ``sequence_len`` see every token stored; ``fgit_line`` / ``fgit_edit`` are
+the span masks projected onto the real tokens through the offset mapping.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def dataset_columns(columns: Columns, ds_cfg: Any) -> Columns:
 class FGITChatTemplateStrategy(ChatTemplateStrategy):
     """Axolotl's chat-template strategy, applied to both halves of a pair."""
 
-    def __init__(self, *args: Any, columns: Columns, **kwargs: Any):
+    def __init__(self, *args: Any, columns: Columns, cut_incorrect: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.columns = columns
+        self.cut_incorrect = cut_incorrect  # False keeps whole incorrect halves (benchmarks)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
                 "FGIT needs a fast tokenizer (offset mappings); "
@@ -154,22 +156,28 @@ class FGITChatTemplateStrategy(ChatTemplateStrategy):
             correct["start"],
         )
         mask_a = project(
-            incorrect["offsets"][:limit],
+            incorrect["offsets"],
             spans[c.incorrect_line_spans],
             spans[c.incorrect_edit_spans],
             incorrect["start"],
         )
-        ids_c, ids_a = correct["input_ids"][:limit], incorrect["input_ids"][:limit]
+        # The incorrect half is read only at its sensitive tokens: what follows the last one
+        # cannot change them (causal attention), so it is never stored.
+        sensitive = mask_a.hybrid.nonzero()[0]
+        needed = int(sensitive[-1]) + 1 if len(sensitive) else 1  # a pure insertion: one token
+        keep = min(limit, needed if self.cut_incorrect else len(incorrect["input_ids"]))
+        ids_c, ids_a = correct["input_ids"][:limit], incorrect["input_ids"][:keep]
         return {
             "input_ids": ids_c + ids_a,
             "attention_mask": [1] * (len(ids_c) + len(ids_a)),
             # the correct half keeps Axolotl's SFT labels; the incorrect half is not trained
             "labels": correct["labels"][:limit] + [IGNORE_INDEX] * len(ids_a),
             "fgit_side": [int(Side.CORRECT)] * len(ids_c) + [int(Side.INCORRECT)] * len(ids_a),
-            "fgit_line": [*mask_c.line.tolist(), *mask_a.line.tolist()],
-            "fgit_edit": [*mask_c.edit.tolist(), *mask_a.edit.tolist()],
+            "fgit_line": [*mask_c.line.tolist(), *mask_a.line[:keep].tolist()],
+            "fgit_edit": [*mask_c.edit.tolist(), *mask_a.edit[:keep].tolist()],
+            # flagged when training loses something: correct tokens, or sensitive incorrect ones
             TRUNCATED_COLUMN: int(
-                max(len(correct["input_ids"]), len(incorrect["input_ids"])) > limit
+                len(correct["input_ids"]) > limit or bool(len(sensitive) and sensitive[-1] >= limit)
             ),
         }
 
@@ -205,12 +213,16 @@ def pair_strategy(
     *,
     fgit: dict[str, Any] | None = None,
     dataset: dict[str, Any] | None = None,
+    cut_incorrect: bool = True,
     **cfg: Any,
 ) -> FGITChatTemplateStrategy:
     """The strategy outside ``axolotl train`` (``fgit-eval``, benchmarks), from the same
-    settings a config would give: the ``fgit:`` block, a ``datasets:`` entry, top-level keys."""
+    settings a config would give: the ``fgit:`` block, a ``datasets:`` entry, top-level keys.
+    ``cut_incorrect=False`` keeps every incorrect token (what the benchmark compares with)."""
     from axolotl.utils.dict import DictDefault
 
     block = FGITConfig(**(fgit or {})).model_dump()
     settings = DictDefault({"sequence_len": sequence_len, "fgit": block, **cfg})
-    return load(tokenizer, settings, ds_cfg=dataset or {})
+    strategy = load(tokenizer, settings, ds_cfg=dataset or {})
+    strategy.cut_incorrect = cut_incorrect
+    return strategy

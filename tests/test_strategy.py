@@ -12,6 +12,7 @@ from axolotl_fgit.args import FGITConfig
 from axolotl_fgit.collator import FGITDataCollator
 from axolotl_fgit.contract import IGNORE_INDEX, TRUNCATED_COLUMN, Side
 from axolotl_fgit.strategy import load as fgit_load
+from axolotl_fgit.strategy import pair_strategy
 from axolotl_fgit.trainer import batch_loss
 from conftest import pair_row
 
@@ -147,6 +148,39 @@ def test_truncated_halves_are_flagged(tokenizer):
     full = fgit_load(tokenizer, config(), ds_cfg={}).tokenize_prompt(row)
     assert short[TRUNCATED_COLUMN] == 1 and full[TRUNCATED_COLUMN] == 0
     assert len(short["input_ids"]) == 48 and short["fgit_side"].count(Side.CORRECT) == 24
+
+
+def test_incorrect_half_ends_at_its_last_sensitive_token(tokenizer):
+    rows = [fgit_row([{"role": "user", "content": p}], c, a) for p, c, a in PROBLEMS]
+    strategy = fgit_load(tokenizer, config(), ds_cfg={})
+    for row in rows:
+        cut = strategy.tokenize_prompt(row)
+        whole = pair_strategy(tokenizer, 2048, cut_incorrect=False).tokenize_prompt(row)
+        side = cut["fgit_side"]
+        marked = [i for i, s in enumerate(side) if s == Side.INCORRECT and cut["fgit_line"][i]]
+        assert marked and marked[-1] == len(side) - 1  # the last stored token is sensitive
+        assert len(cut["input_ids"]) < len(whole["input_ids"])
+        assert cut["input_ids"] == whole["input_ids"][: len(cut["input_ids"])]
+        assert cut["fgit_edit"] == whole["fgit_edit"][: len(cut["input_ids"])]
+        assert cut[TRUNCATED_COLUMN] == 0
+    # A pure insertion has no sensitive incorrect token: one token stands for its half.
+    insertion = pair_row("x = 1\ny = 2\n", "x = 1\n", prompt="Set x and y.")
+    sample = strategy.tokenize_prompt(insertion)
+    assert sample["fgit_side"].count(Side.INCORRECT) == 1
+
+
+def test_truncation_counts_only_what_training_loses(tokenizer):
+    """Cutting the incorrect half after its last sensitive token loses nothing; cutting a
+    sensitive token (or the correct half) is counted."""
+    p, c, a = PROBLEMS[2]
+    row = fgit_row([{"role": "user", "content": p}], c, a)
+    whole = fgit_load(tokenizer, config(), ds_cfg={}).tokenize_prompt(row)
+    n_c = whole["fgit_side"].count(Side.CORRECT)
+    n_a = whole["fgit_side"].count(Side.INCORRECT)
+    changed = whole["fgit_line"].index(1, n_c) - n_c  # first sensitive incorrect token
+    for half, flagged in ((n_c, 0), (max(n_a, n_c - 1), 1), (changed, 1)):
+        sample = fgit_load(tokenizer, config(sequence_len=2 * half), ds_cfg={}).tokenize_prompt(row)
+        assert sample[TRUNCATED_COLUMN] == flagged, (half, n_c, n_a)
 
 
 def test_strategy_refuses_to_load_without_the_plugin(tokenizer):

@@ -206,3 +206,33 @@ def test_sft_weighting_matches_plain_chat_template_training(tmp_path, tiny_dir, 
         return count
 
     assert label_count(runs["fgit"][1]) == label_count(runs["sft"][1]) > 0
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
+def test_shared_prefix_trains_exactly_as_two_halves(tmp_path, tiny_dir, pairs, packing):
+    """Through the real ``axolotl train``: the shared layout logs the loss of two halves at
+    the first step, and at the second (after an update through both branches of W)."""
+    runs = {}
+    for share in (True, False):
+        run_dir = tmp_path / f"share-{share}"
+        run_dir.mkdir()
+        cfg = config(
+            run_dir,
+            tiny_dir,
+            pairs,
+            sample_packing=packing,
+            micro_batch_size=1 if packing else 4,
+            gradient_accumulation_steps=1,
+            max_steps=2,
+            val_set_size=0,
+            save_steps=2,
+            eval_steps=None,
+            fgit={"share_prefix": share},
+        )
+        log = axolotl_train(cfg)
+        said = "shared prefix" if share else "fgit.share_prefix: false"
+        assert f"FGIT layout: {'' if share else 'two halves'}" in log.stdout + log.stderr
+        assert said in log.stdout + log.stderr
+        runs[share] = [r["loss"] for r in history(run_dir / "out" / "checkpoint-2") if "loss" in r]
+    assert len(runs[True]) == 2
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5), runs
