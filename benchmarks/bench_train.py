@@ -349,16 +349,17 @@ def main() -> None:
     label = f"{args.random_init or Path(args.model).name}, {rows}, {args.samples} samples"
     print(f"\nFGIT vs SFT on {results[0]['device']} ({label}; pairs: {args.data or args.pairs})")
     x = f"× {sft['mode']}"
+    w = len(x) + 2
     print(
-        f"{'mode':<16}{'tokens/s':>10}{'s/sample':>10}{x:>9}{'run/sample':>12}{x:>9}"
-        f"{'peak GiB':>10}{x:>9}{'samples/step':>14}"
+        f"{'mode':<16}{'tokens/s':>10}{'s/sample':>10}{x:>{w}}{'run/sample':>12}{x:>{w}}"
+        f"{'peak GiB':>10}{x:>{w}}{'samples/step':>14}"
     )
     for r in results:
         print(
             f"{r['mode']:<16}{r['tokens_per_s']:>10,.0f}"
-            f"{r['s_per_sample']:>10.3f}{r['s_per_sample'] / sft['s_per_sample']:>9.2f}"
-            f"{r['run_per_sample']:>12.1f}{r['run_per_sample'] / sft['run_per_sample']:>9.2f}"
-            f"{r['peak_gib']:>10.2f}{r['peak_gib'] / sft['peak_gib']:>9.2f}"
+            f"{r['s_per_sample']:>10.3f}{r['s_per_sample'] / sft['s_per_sample']:>{w}.2f}"
+            f"{r['run_per_sample']:>12.1f}{r['run_per_sample'] / sft['run_per_sample']:>{w}.2f}"
+            f"{r['peak_gib']:>10.2f}{r['peak_gib'] / sft['peak_gib']:>{w}.2f}"
             f"{r['samples_per_step']:>14.1f}"
         )
     if not args.skip_loss_path:

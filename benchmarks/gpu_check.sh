@@ -20,7 +20,7 @@ LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddin
 tok.save_pretrained(out)
 PY
 for size in 135m 1.3b; do
-  python3 benchmarks/bench_train.py --random-init "$size" --model "$OUT/shape" --steps 4 \
+  python3 benchmarks/bench_train.py --random-init "$size" --model "$OUT/shape" --samples 24 \
     --packed-tokens 2048 --skip-loss-path
 done
 echo "== log-prob kernels and bf16 fidelity"
