@@ -1,17 +1,23 @@
 """One A/B run: preprocess the train split, train every arm, score every model held out.
 
 Steps (each logged with its time): the problem set is split (train / held-out, fixed by
-module); ``fgit-preprocess run`` makes correct/incorrect pairs of both splits with the
-chosen teacher, the variants proven wrong by the tests; ``axolotl train`` trains each arm
-and seed on the train pairs; the base model and every trained model are then scored on
-the held-out split: pair accuracy and margin (as ``fgit-eval``), and pass@1 / pass@k of
-the functions they write, run against the tests in the sandbox.
+module, checked disjoint); ``fgit-preprocess run`` makes correct/incorrect pairs of both
+splits with the chosen teacher, the variants proven wrong by the tests; ``axolotl train``
+trains each arm and seed on the train pairs; the base model and every trained model are
+scored on the held-out split: pair accuracy and margin (as ``fgit-eval``), and pass@1 /
+pass@k of the functions they write, run against the tests in the sandbox.
+
+A run is resumable: each finished step (a split's pairs, a training, a scoring) is
+recorded under ``--out`` as it ends, and a rerun with the same ``--out`` skips it, so a
+killed run loses only the step in progress and a long sweep can span several sittings.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from fgit_bench import report
-from fgit_bench.arms import Arm, Training, arm_config, history, train
+from fgit_bench.arms import (
+    MATCHED_BASE,
+    Arm,
+    Training,
+    arm_config,
+    history,
+    steps_logged,
+    train,
+    train_runtime,
+)
 from fgit_bench.generation import Sampling, judge, write_answers
 from fgit_bench.problems import Problem, load
 from fgit_preprocess.sandbox import Limits, SandboxMode, isolation
@@ -71,6 +86,26 @@ def _split(settings: Settings) -> dict[str, list[Problem]]:
         if not out[name]:
             raise ValueError(f"the problem set has no {name} problems")
     return out
+
+
+def check_split(split: dict[str, list[Problem]]) -> None:
+    """No held-out problem, nor any function of a held-out module, among the train ones."""
+    ids = {name: {p.id for p in problems} for name, problems in split.items()}
+    modules = {name: {i.split(":")[0] for i in found} for name, found in ids.items()}
+    shared = (ids["train"] & ids["held_out"]) | (modules["train"] & modules["held_out"])
+    if shared:
+        raise ValueError(f"train and held-out problems overlap: {sorted(shared)[:5]}")
+
+
+def check_pairs(pairs: Path, problems: list[Problem], split: str) -> int:
+    """The pairs' count, after checking each comes from a problem of ``split``."""
+    import datasets
+
+    rows = datasets.load_from_disk(str(pairs))
+    stray = set(rows["id"]) - {p.id for p in problems}
+    if stray:
+        raise ValueError(f"{split} pairs {pairs} hold rows of other problems: {sorted(stray)[:5]}")
+    return len(rows)
 
 
 def make_pairs(problems: list[Problem], folder: Path, settings: Settings) -> Path:
@@ -158,8 +193,9 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
     verdicts = judge(problems, answers, limits)
     k = settings.k
     per_problem["pass@1"] = {p.id: float(v.greedy) for p, v in zip(problems, verdicts)}
-    per_problem["pass@1_sampled"] = {p.id: v.pass_at(1) for p, v in zip(problems, verdicts)}
-    per_problem[f"pass@{k}_sampled"] = {p.id: v.pass_at(k) for p, v in zip(problems, verdicts)}
+    if settings.sampling.samples:
+        per_problem["pass@1_sampled"] = {p.id: v.pass_at(1) for p, v in zip(problems, verdicts)}
+        per_problem[f"pass@{k}_sampled"] = {p.id: v.pass_at(k) for p, v in zip(problems, verdicts)}
     metrics = {
         key: statistics.fmean(values.values()) if values else float("nan")
         for key, values in per_problem.items()
@@ -178,46 +214,165 @@ def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Set
     }
 
 
+class Store:
+    """The ``--out`` folder as a record of finished steps: one JSON file each, written
+    whole (to a temporary name, then renamed) when the step ends."""
+
+    MANIFEST = "run.json"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        path = self.root / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def put(self, name: str, value: dict[str, Any]) -> dict[str, Any]:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(value, indent=1), encoding="utf-8")
+        os.replace(partial, path)
+        return value
+
+    def claim(self, settings: Settings) -> None:
+        """Record the run's settings, or check a resumed run's against them: every
+        setting but the arms and seeds must match, and an arm's label its definition."""
+        fixed = _fingerprint(settings)
+        arms = {a.label: _plain(asdict(a)) for a in settings.arms}
+        before = self.get(self.MANIFEST)
+        if before is not None:
+            changed = sorted(k for k in fixed.keys() | before["settings"].keys()
+                             if fixed.get(k) != before["settings"].get(k))  # fmt: skip
+            redefined = sorted(
+                label for label, arm in arms.items() if before["arms"].get(label, arm) != arm
+            )
+            if changed or redefined:
+                what = ", ".join([*changed, *(f"--arm {label}" for label in redefined)])
+                raise ValueError(
+                    f"--out {self.root} holds a run with other settings ({what}); resume it "
+                    "with the same ones, or use another --out, or pass --overwrite"
+                )
+            arms = {**before["arms"], **arms}
+        self.put(self.MANIFEST, {"settings": fixed, "arms": arms})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (paths as strings, tuples as lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _fingerprint(settings: Settings) -> dict[str, Any]:
+    """Every setting that makes one step's result differ (not the arms, seeds, launcher)."""
+    return _plain(
+        {
+            "model": settings.model,
+            "problems": settings.problems,
+            "train_problems": settings.train_problems,
+            "held_out_problems": settings.held_out_problems,
+            "training": asdict(settings.training),
+            "teacher": asdict(settings.teacher),
+            "sampling": asdict(settings.sampling),
+            "k": settings.k,
+            "test_seconds": settings.test_seconds,
+            "sandbox": settings.sandbox,
+        }
+    )
+
+
+def matched_steps(max_steps: int, arm_seconds: float, sft_seconds: float) -> int:
+    """The SFT steps that take the matched arm's training time (to the nearest step, at
+    least one): ``max_steps`` scaled by the two arms' measured times."""
+    return max(1, round(max_steps * arm_seconds / sft_seconds))
+
+
+def _train_arm(
+    arm: Arm, seed: int, pairs: Path, settings: Settings, trained: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Train one arm and seed (from scratch: a partial folder is cleared); what it took."""
+    name = f"{arm.label}-s{seed}"
+    folder = settings.out / "arms" / name
+    steps = settings.training.max_steps
+    if arm.kind == "matched":
+        target, sft = trained[f"{arm.matched}-s{seed}"], trained[f"{MATCHED_BASE}-s{seed}"]
+        steps = matched_steps(steps, target["runtime"], sft["runtime"])
+        if steps == settings.training.max_steps:  # the same config as sft: its model
+            LOG.info("%s: %s's time fits %d steps, as %s-s%d trained", name, arm.matched, steps,
+                     MATCHED_BASE, seed)  # fmt: skip
+            return {**sft, "same_as": f"{MATCHED_BASE}-s{seed}", "seconds": 0.0}
+    shutil.rmtree(folder, ignore_errors=True)
+    config = arm_config(arm, seed, settings.model, pairs, folder, settings.training, steps)
+    LOG.info("training %s (%d steps)", name, steps)
+    seconds = train(config, folder, settings.launcher)
+    logs = history(folder)
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "runtime": train_runtime(folder),
+        "model": str(folder / "model"),
+        "history": steps_logged(logs),
+    }
+
+
+def _order(arms: list[Arm]) -> list[Arm]:
+    """Matched arms last: they need the time of the arms they match."""
+    return [a for a in arms if a.kind != "matched"] + [a for a in arms if a.kind == "matched"]
+
+
 def run(settings: Settings) -> dict[str, Any]:
-    """The whole A/B; returns (and writes under ``settings.out``) the results."""
+    """The whole A/B, resuming what ``settings.out`` already holds; returns (and writes
+    under ``settings.out``) the results."""
     start = time.monotonic()
     isolation(settings.sandbox)  # no sandbox here: stop before the first step
-    out = settings.out
+    out, store = settings.out, Store(settings.out)
     split = _split(settings)
+    check_split(split)
+    store.claim(settings)
     LOG.info("problems: %d train, %d held out", len(split["train"]), len(split["held_out"]))
-    t0 = time.monotonic()
-    pairs = {
-        name: make_pairs(problems, out / "data" / name, settings)
-        for name, problems in split.items()
-    }
-    preprocess_seconds = time.monotonic() - t0
-    import datasets
+    phases: dict[str, float] = {}
+    pairs, pair_counts = {}, {}
+    for name, problems in split.items():
+        done = store.get(f"data/{name}/done.json")
+        if done is None:
+            t0 = time.monotonic()
+            make_pairs(problems, out / "data" / name, settings)
+            done = store.put(f"data/{name}/done.json", {"seconds": time.monotonic() - t0})
+        pairs[name] = out / "data" / name / "pairs"
+        pair_counts[name] = check_pairs(pairs[name], problems, name)
+        phases[f"preprocess {name}"] = done["seconds"]
 
-    pair_counts = {name: len(datasets.load_from_disk(str(path))) for name, path in pairs.items()}
+    def scored(name: str, path: str) -> dict[str, Any]:
+        found = store.get(f"scores/{name}.json")
+        if found is None:
+            LOG.info("evaluating %s on %d held-out problems", name, len(split["held_out"]))
+            found = store.put(
+                f"scores/{name}.json",
+                evaluate(path, split["held_out"], pairs["held_out"], settings),
+            )
+        phases[f"score {name}"] = found["seconds"]
+        return found
+
     models = [{"name": BASE, "arm": BASE, "seed": None, "path": settings.model}]
-    train_seconds: dict[str, float] = {}
-    histories: dict[str, list[dict[str, float]]] = {}
-    for arm in settings.arms:
-        for seed in range(settings.seeds):
+    models[0].update(scored(BASE, settings.model))
+    trained: dict[str, dict[str, Any]] = {}
+    for seed in range(settings.seeds):
+        for arm in _order(settings.arms):
             name = f"{arm.label}-s{seed}"
-            folder = out / "arms" / name
-            config = arm_config(
-                arm, seed, settings.model, pairs["train"], folder, settings.training
+            record = store.get(f"arms/{name}/trained.json") or store.put(
+                f"arms/{name}/trained.json",
+                _train_arm(arm, seed, pairs["train"], settings, trained),
             )
-            LOG.info("training %s (%d steps)", name, settings.training.max_steps)
-            train_seconds[name] = train(config, folder, settings.launcher)
-            histories[name] = history(folder)
-            models.append(
-                {"name": name, "arm": arm.label, "seed": seed, "path": str(folder / "model")}
-            )
-    for model in models:
-        LOG.info("evaluating %s on %d held-out problems", model["name"], len(split["held_out"]))
-        model.update(evaluate(model["path"], split["held_out"], pairs["held_out"], settings))
-    by_arm: dict[str, float] = {}
-    for model in models[1:]:
-        by_arm[model["arm"]] = (
-            by_arm.get(model["arm"], 0.0) + train_seconds[model["name"]] / settings.seeds
-        )
+            trained[name] = record
+            phases[f"train {name}"] = record["seconds"]
+            model = {"name": name, "arm": arm.label, "seed": seed, "path": record["model"]}
+            model["training"] = {k: v for k, v in record.items() if k != "history"}
+            model.update(scored(record.get("same_as", name), record["model"]))
+            models.append(model)
+    names = report.metric_names(settings.k, sampled=settings.sampling.samples > 0)
+    by_arm: dict[str, list[float]] = {}
+    for name, record in trained.items():
+        if "same_as" not in record:
+            by_arm.setdefault(name.rsplit("-s", 1)[0], []).append(record["seconds"])
     results = {
         "settings": {
             "model": settings.model,
@@ -236,16 +391,20 @@ def run(settings: Settings) -> dict[str, Any]:
             "train_pairs": pair_counts["train"],
             "held_out_pairs": pair_counts["held_out"],
         },
+        "metric_names": names,
         "models": models,
-        "summary": report.summarise(models, settings.k),
-        "differences": report.differences(models, settings.k),
-        "histories": histories,
+        "summary": report.summarise(models, names),
+        "differences": {
+            ref: diffs
+            for ref in report.REFERENCES
+            if (diffs := report.differences(models, names, ref))
+        },
+        "histories": {name: record["history"] for name, record in trained.items()},
         "timings": {
-            "preprocess_seconds": preprocess_seconds,
-            "train_seconds": train_seconds,
-            "train_seconds_by_arm": by_arm,
-            "eval_seconds": {m["name"]: m["seconds"] for m in models},
-            "total_seconds": time.monotonic() - start,
+            "phases": phases,
+            "train_seconds_by_arm": {arm: statistics.fmean(s) for arm, s in by_arm.items()},
+            "all_phases_seconds": sum(phases.values()),
+            "this_sitting_seconds": time.monotonic() - start,
         },
     }
     results["files"] = [str(p) for p in report.write(results, out)]

@@ -1,14 +1,28 @@
 """The arms of an A/B: one Axolotl config each, trained through the real ``axolotl train``.
 
-Every arm gets the same base model, data, data order (seed), steps and optimiser; only
-its ``fgit:`` block differs. ``sft`` is plain SFT through the same pipeline
-(``weighting: sft``: every token weight 1), so the comparison isolates FGIT's weighting.
+Every arm gets the same base model, data, data order (seed), steps and optimiser, and the
+same chat template; what differs is how the pairs train it:
+
+- FGIT arms (``sft``, ``dynamic``, ``static``, ``LABEL:key=value,...``): the plugin with
+  their ``fgit:`` block. ``sft`` is ``weighting: sft`` (every token weight 1): plain SFT on
+  the correct answers through the same pipeline, so the comparison isolates FGIT's weighting.
+- Preference arms (``dpo``, ``rpo``): Axolotl's own ``rl: dpo`` on the same pairs, chosen =
+  correct, rejected = incorrect, without the plugin. Their learning rate and beta are those
+  of Axolotl's DPO example for full fine-tuning of a small model (``examples/qwen2/dpo.yaml``:
+  Qwen2.5-0.5B, ``learning_rate: 0.0002``, beta unset, i.e. TRL's 0.1). ``rpo`` adds the
+  NLL of the chosen answer with weight 1 (TRL's ``loss_type: [sigmoid, sft]``, which
+  replaced ``rpo_alpha``; Axolotl passes it as ``dpo_loss_type`` / ``dpo_loss_weights``).
+- Compute-matched arms (``sft-matched``): SFT given as many optimiser steps as fit in
+  another arm's measured training time (``LABEL:matched=ARM``).
+
+No arm packs samples, so every step of every arm holds the same pairs in the same order.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,11 +36,13 @@ from pydantic import ValidationError
 
 from axolotl_fgit.args import FGITConfig
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "sft": {"weighting": "sft"},
-    "dynamic": {"weighting": "dynamic"},
-    "static": {"weighting": "static"},
-}
+# Axolotl's DPO example for full fine-tuning of a small model (examples/qwen2/dpo.yaml).
+DPO: dict[str, Any] = {"rl": "dpo", "rl_beta": 0.1, "learning_rate": 2e-4}
+# Keys a preference arm may set: Axolotl's own, at the top level of its config.
+PREFERENCE_KEYS = frozenset(
+    {"rl", "rl_beta", "learning_rate", "dpo_loss_type", "dpo_loss_weights", "dpo_label_smoothing"}
+)
+PREFERENCE_RL = ("dpo", "ipo")
 
 
 class ArmError(ValueError):
@@ -35,15 +51,37 @@ class ArmError(ValueError):
 
 @dataclass(frozen=True)
 class Arm:
-    """A label and the ``fgit:`` block that trains it."""
+    """A label and how it trains: exactly one of ``fgit``, ``preference``, ``matched``."""
 
     label: str
-    fgit: dict[str, Any]
+    fgit: dict[str, Any] | None = None  # the plugin's fgit: block
+    preference: dict[str, Any] | None = None  # top-level Axolotl keys (rl: dpo, ...)
+    matched: str | None = None  # SFT for as long as this arm trained
+
+    @property
+    def kind(self) -> str:
+        return "fgit" if self.fgit is not None else "preference" if self.preference else "matched"
+
+
+PRESETS: dict[str, Arm] = {
+    "sft": Arm("sft", fgit={"weighting": "sft"}),
+    "dynamic": Arm("dynamic", fgit={"weighting": "dynamic"}),
+    "static": Arm("static", fgit={"weighting": "static"}),
+    "dpo": Arm("dpo", preference=DPO),
+    "rpo": Arm(
+        "rpo",
+        preference={**DPO, "dpo_loss_type": ["sigmoid", "sft"], "dpo_loss_weights": [1.0, 1.0]},
+    ),
+    "sft-matched": Arm("sft-matched", matched="dynamic"),
+}
+# The arm a compute-matched arm's steps are counted in (its time per step).
+MATCHED_BASE = "sft"
 
 
 def parse_arm(spec: str) -> Arm:
-    """``sft`` | ``dynamic`` | ``static`` | ``LABEL:key=value,key=value`` (an ``fgit:``
-    block, e.g. ``a4-line:weighting=dynamic,alpha=4,granularity=line``)."""
+    """A preset (``sft``, ``dynamic``, ``static``, ``dpo``, ``rpo``, ``sft-matched``) or
+    ``LABEL:key=value,...``: fgit keys (``a4:weighting=dynamic,alpha=4``), Axolotl
+    preference keys with ``rl`` (``dpo-b05:rl=dpo,rl_beta=0.05``), or ``matched=ARM``."""
     label, _, settings = spec.partition(":")
     label = label.strip()
     if not label or not label.replace("-", "").replace("_", "").isalnum():
@@ -54,20 +92,47 @@ def parse_arm(spec: str) -> Arm:
                 f"--arm {spec!r}: unknown preset; use one of {sorted(PRESETS)} or "
                 "LABEL:key=value,... with fgit keys (weighting, alpha, granularity, ...)"
             )
-        fgit = dict(PRESETS[label])
-    else:
-        fgit = {}
-        for item in settings.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ArmError(f"--arm {spec!r}: {item!r} is not key=value")
-            fgit[key.strip()] = yaml.safe_load(value)
+        return PRESETS[label]
+    keys = {}
+    for item in re.split(r",(?![^\[]*\])", settings):  # commas inside [...] belong to a list
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ArmError(f"--arm {spec!r}: {item!r} is not key=value")
+        keys[key.strip()] = yaml.safe_load(value)
+    if "matched" in keys:
+        if set(keys) != {"matched"} or not isinstance(keys["matched"], str):
+            raise ArmError(f"--arm {spec!r}: matched=ARM takes no other key")
+        return Arm(label, matched=keys["matched"])
+    if "rl" in keys:
+        unknown = sorted(set(keys) - PREFERENCE_KEYS)
+        if unknown or keys["rl"] not in PREFERENCE_RL:
+            raise ArmError(
+                f"--arm {spec!r}: a preference arm takes rl ({' or '.join(PREFERENCE_RL)}) and "
+                f"{sorted(PREFERENCE_KEYS - {'rl'})}; not {unknown or keys['rl']}"
+            )
+        return Arm(label, preference=keys)
     try:
-        FGITConfig(**fgit)
+        FGITConfig(**keys)
     except ValidationError as err:
         problems = "; ".join(_explain(e) for e in err.errors())
         raise ArmError(f"--arm {spec!r}: {problems}") from None
-    return Arm(label, fgit)
+    return Arm(label, fgit=keys)
+
+
+def check_arms(arms: list[Arm]) -> None:
+    """Labels unique and not ``base``; a matched arm names an FGIT or preference arm of
+    this run and needs ``sft`` beside it (its time per step)."""
+    labels = [a.label for a in arms]
+    if len(set(labels)) < len(labels) or "base" in labels:
+        raise ArmError("--arm labels must be unique and not 'base'")
+    trained = {a.label for a in arms if a.kind != "matched"}
+    for arm in arms:
+        if arm.kind == "matched" and (arm.matched not in trained or MATCHED_BASE not in labels):
+            raise ArmError(
+                f"--arm {arm.label}: matched={arm.matched} needs --arm {arm.matched} and "
+                f"--arm {MATCHED_BASE} in the same run (it is given {arm.matched}'s training "
+                f"time in {MATCHED_BASE}'s steps)"
+            )
 
 
 def _explain(error: Any) -> str:
@@ -83,34 +148,38 @@ class Training:
     max_steps: int = 30
     sequence_len: int = 1536  # both halves of a pair: each gets up to half
     micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 2
-    learning_rate: float = 1e-4
-    extra: dict[str, Any] | None = None  # more Axolotl keys (LoRA, bf16, ...), for all arms
+    gradient_accumulation_steps: int = 4  # pairs per optimiser step (no packing)
+    learning_rate: float = 1e-4  # FGIT and SFT arms; preference arms set their own
+    extra: dict[str, Any] | None = None  # more Axolotl keys, for all arms
 
 
 def arm_config(
-    arm: Arm, seed: int, base_model: str, pairs: Path, folder: Path, training: Training
+    arm: Arm,
+    seed: int,
+    base_model: str,
+    pairs: Path,
+    folder: Path,
+    training: Training,
+    steps: int | None = None,
 ) -> dict[str, Any]:
-    """The Axolotl config of one arm and seed."""
+    """The Axolotl config of one arm and seed (``steps``: a matched arm's count)."""
     import torch
 
     gpu = torch.cuda.is_available()
     config: dict[str, Any] = {
         "base_model": base_model,
-        "plugins": ["axolotl_fgit.FGITPlugin"],
-        "fgit": arm.fgit,
-        "datasets": [{"path": str(pairs), "type": "axolotl_fgit.strategy"}],
+        "chat_template": "tokenizer_default",
         "dataset_prepared_path": str(folder / "prepared"),
         "val_set_size": 0,
         "output_dir": str(folder / "model"),
         "sequence_len": training.sequence_len,
-        "sample_packing": True,
+        "sample_packing": False,
         "micro_batch_size": training.micro_batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "max_steps": training.max_steps,
+        "max_steps": steps or training.max_steps,
         "learning_rate": training.learning_rate,
         "lr_scheduler": "cosine",
-        "warmup_steps": max(1, training.max_steps // 10),
+        "warmup_steps": max(1, (steps or training.max_steps) // 10),
         "optimizer": "adamw_torch",
         "weight_decay": 0.0,
         "bf16": "auto" if gpu else False,
@@ -120,10 +189,28 @@ def arm_config(
         "logging_steps": 1,
         # One checkpoint at the end: its trainer_state.json holds the per-step logs.
         "save_strategy": "steps",
-        "save_steps": training.max_steps,
+        "save_steps": steps or training.max_steps,
         "save_total_limit": 1,
         "seed": seed,
     }
+    if arm.preference:
+        dataset = {
+            "path": str(pairs),
+            "type": "chat_template.default",
+            "field_messages": "prompt",  # a string: the user turn, as the FGIT strategy reads it
+            "field_chosen": "correct",
+            "field_rejected": "incorrect",
+        }
+        config.update({"datasets": [dataset], **arm.preference})
+    else:
+        fgit = arm.fgit if arm.fgit is not None else PRESETS[MATCHED_BASE].fgit
+        config.update(
+            {
+                "plugins": ["axolotl_fgit.FGITPlugin"],
+                "fgit": fgit,
+                "datasets": [{"path": str(pairs), "type": "axolotl_fgit.strategy"}],
+            }
+        )
     config.update(training.extra or {})
     return config
 
@@ -160,8 +247,9 @@ def train(config: dict[str, Any], folder: Path, launcher: str = "python") -> flo
     return time.monotonic() - start
 
 
-def history(folder: Path) -> list[dict[str, float]]:
-    """The per-step training logs (loss, fgit/Hc, fgit/Ha, fgit/pair_acc, ...).
+def history(folder: Path) -> list[dict[str, Any]]:
+    """The training logs (per step: loss, fgit/Hc, fgit/Ha, fgit/pair_acc, ...; at the
+    end: train_runtime).
 
     Read from the final checkpoint's ``trainer_state.json``, which is kept beside the
     model as ``history.json``; the checkpoint (optimizer state) is then removed.
@@ -178,4 +266,19 @@ def history(folder: Path) -> list[dict[str, float]]:
             shutil.rmtree(state.parent)
     if not kept.exists():
         raise ArmError(f"no trainer_state.json under {folder / 'model'}: did training save?")
-    return [entry for entry in json.loads(kept.read_text()) if "loss" in entry]
+    return json.loads(kept.read_text())
+
+
+def steps_logged(logs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The per-step entries of ``history`` (those with a loss)."""
+    return [entry for entry in logs if "loss" in entry]
+
+
+def train_runtime(folder: Path) -> float:
+    """Seconds the training loop ran (the Trainer's ``train_runtime``, without loading or
+    preprocessing): the time a compute-matched arm is given. The Trainer logs it after
+    the last checkpoint is written, so it is read from the run's log."""
+    found = re.findall(r"'train_runtime': '?([0-9.]+)", (folder / "train.log").read_text())
+    if not found:
+        raise ArmError(f"{folder / 'train.log'} has no train_runtime: did training finish?")
+    return float(found[-1])

@@ -43,12 +43,19 @@ def ab(
     ),
     arm: list[str] = typer.Option(
         ["sft", "dynamic"],
-        help="An arm: sft | dynamic | static, or LABEL:key=value,... with fgit keys "
-        "(e.g. a4:weighting=dynamic,alpha=4). Repeat for more arms.",
+        help="An arm: sft | dynamic | static (FGIT plugin), dpo | rpo (Axolotl's rl: dpo on "
+        "the same pairs; rpo adds the chosen answer's NLL), sft-matched (SFT for as long as "
+        "dynamic trained), or LABEL:key=value,... with fgit keys (a4:weighting=dynamic,"
+        "alpha=4), with rl=dpo and Axolotl DPO keys (b05:rl=dpo,rl_beta=0.05), or "
+        "matched=ARM. Repeat for more arms.",
     ),
-    seeds: int = typer.Option(1, min=1, help="Trainings per arm (seeds 0..N-1)."),
+    seeds: int = typer.Option(
+        1, min=1, help="Trainings per arm (seeds 0..N-1); a rerun with more adds seeds."
+    ),
     max_steps: int = typer.Option(30, min=1, help="Optimizer steps per arm."),
-    learning_rate: float = typer.Option(1e-4, min=0.0, help="Peak learning rate (cosine)."),
+    learning_rate: float = typer.Option(
+        1e-4, min=0.0, help="Peak learning rate (cosine) of FGIT and SFT arms; dpo/rpo use 2e-4."
+    ),
     sequence_len: int = typer.Option(
         1536, min=64, help="Tokens per pair (both halves; the bundled set needs 1536)."
     ),
@@ -72,7 +79,9 @@ def ab(
     embedder: str | None = typer.Option(
         None, help="Selection embedder (default: the bundled MiniLM, else UnixCoder)."
     ),
-    samples: int = typer.Option(2, min=1, help="Sampled answers per problem (n of pass@k)."),
+    samples: int = typer.Option(
+        2, min=0, help="Sampled answers per problem (n of pass@k); 0: greedy only (seed sweeps)."
+    ),
     k: int | None = typer.Option(None, min=1, help="k of pass@k (default: --samples)."),
     temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature."),
     max_new_tokens: int = typer.Option(256, min=1, help="Generated tokens per answer."),
@@ -85,15 +94,21 @@ def ab(
     quick: bool = typer.Option(
         False, "--quick", help=f"Smoke-test the harness in minutes: {QUICK}."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in an existing --out (default: resume it)."
+    ),
 ) -> None:
     """A/B: train every arm on the same pairs, compare held-out pair accuracy, margin and
     pass@k of executed code with the base model's. Writes results.json, results.md,
-    curves.png and metrics.png under --out."""
+    curves.png and metrics.png under --out.
+
+    Resumable: rerun the same command (same --out) after a stop and it skips every
+    preprocessing, training and scoring already finished; add --seeds or --arm to extend
+    a run. Other changed settings are refused (use another --out, or --overwrite)."""
     from rich.logging import RichHandler
 
-    from fgit_bench.ab import Settings, Teacher, run
-    from fgit_bench.arms import ArmError, Training, parse_arm
+    from fgit_bench.ab import Settings, Store, Teacher, run
+    from fgit_bench.arms import ArmError, Training, check_arms, parse_arm
     from fgit_bench.generation import Sampling
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler()])
@@ -110,15 +125,16 @@ def ab(
         isolation(sandbox)
     except SandboxUnavailable as err:
         fail(str(err))
-    k = k or samples
-    if k > samples:
+    if samples == 0 and k is not None:
+        fail("--k needs sampled answers; drop it under --samples 0 (greedy only)")
+    k = k or max(samples, 1)
+    if samples and k > samples:
         fail(f"--k {k} is larger than --samples {samples}; pass@k needs k <= n")
     try:
         arms = [parse_arm(spec) for spec in arm]
+        check_arms(arms)
     except ArmError as err:
         fail(str(err))
-    if len({a.label for a in arms}) < len(arms) or any(a.label == "base" for a in arms):
-        fail("--arm labels must be unique and not 'base'")
     extra = yaml.safe_load(extra_config.read_text()) if extra_config else None
     if extra is not None and not isinstance(extra, dict):
         fail(f"--extra-config {extra_config} must be a YAML mapping of Axolotl keys")
@@ -127,10 +143,13 @@ def ab(
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; pass a directory")
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            fail(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        if overwrite:
+            shutil.rmtree(out)
+        elif not (out / Store.MANIFEST).exists():
+            fail(f"--out {out} is not empty and holds no fgit-bench run; pass --overwrite")
+        else:
+            LOG.info("resuming the run in %s: finished steps are skipped", out)
+    out.mkdir(parents=True, exist_ok=True)
     if model is None:
         from fgit_preprocess.models import smollm2
 
@@ -163,8 +182,11 @@ def ab(
     except (ArmError, RuntimeError, ValueError) as err:
         fail(str(err))
     typer.echo((out / "results.md").read_text())
-    minutes = results["timings"]["total_seconds"] / 60
-    typer.echo(f"wrote {', '.join(results['files'])} ({minutes:.1f} min in all)")
+    timings = results["timings"]
+    typer.echo(
+        f"wrote {', '.join(results['files'])} ({timings['this_sitting_seconds'] / 60:.1f} min "
+        f"this sitting; {timings['all_phases_seconds'] / 60:.1f} min of steps in all)"
+    )
 
 
 @app.command()

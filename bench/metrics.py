@@ -1,4 +1,5 @@
-"""The numbers an A/B reports: pass@k (unbiased), bootstrap intervals, mean ± sd."""
+"""The numbers an A/B reports: pass@k (unbiased), bootstrap intervals, mean ± sd and the
+exact McNemar (sign) test."""
 
 from __future__ import annotations
 
@@ -41,3 +42,13 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if data.size == 0:
         return (math.nan, math.nan)
     return float(data.mean()), float(data.std(ddof=1)) if data.size > 1 else 0.0
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: the probability, if neither arm were better, of a
+    split of the discordant items at least this uneven (a binomial test at 1/2; ties drop
+    out). 1.0 when there is nothing to test."""
+    from scipy.stats import binomtest
+
+    n = wins + losses
+    return float(binomtest(wins, n, 0.5).pvalue) if n else 1.0
