@@ -29,7 +29,13 @@ from axolotl_fgit.contract import TOKEN_COLUMNS, TRUNCATED_COLUMN, Side
 from axolotl_fgit.kernels import Kernel, describe, requested_kernel
 from axolotl_fgit.layout import Layout, plan, wanted
 from axolotl_fgit.loss import FlatBatch, LossParts, SideTokens, fgit_loss, flatten
-from axolotl_fgit.projection import FidelityError, causal_lm, check_fidelity, forward_logprobs
+from axolotl_fgit.projection import (
+    FidelityError,
+    causal_lm,
+    check_fidelity,
+    forward_logprobs,
+    log_prob_tolerance,
+)
 
 LOG = get_logger(__name__)
 METRICS = ("Hc", "Ha", "weight", "pair_acc", "sensitive_frac")
@@ -195,7 +201,6 @@ class AxolotlFGITTrainer(AxolotlTrainer):
         self.model_accepts_loss_kwargs = True  # we divide by num_items_in_batch ourselves
         self._fidelity_checked = False
         self._layout: Layout | None = None  # chosen at the first batch (needs the model)
-        self._sharing_checked = False
         self._fgit_sums: dict[str, dict[str, float]] = {
             "train": defaultdict(float),
             "eval": defaultdict(float),
@@ -264,8 +269,8 @@ class AxolotlFGITTrainer(AxolotlTrainer):
                 + (blocker or "fgit.share_prefix: false")
                 + ")",
             )
-        if self._layout == Layout.shared and not self._sharing_checked:
-            self._verify_sharing(model, flatten(inputs, self.fgit.granularity))
+            if self._layout == Layout.shared:
+                self._verify_sharing(model, flatten(inputs, self.fgit.granularity))
         return self._layout
 
     def _verify_sharing(self, model, flat: FlatBatch) -> None:
@@ -276,9 +281,7 @@ class AxolotlFGITTrainer(AxolotlTrainer):
             worst = torch.tensor(error, device=self.accelerator.device)
             torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
             error = float(worst)
-        dtype = next(causal_lm(model).parameters()).dtype
-        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-        self._sharing_checked = True
+        tolerance = log_prob_tolerance(causal_lm(model))
         if error <= tolerance:
             LOG.info("FGIT shared prefix matches two halves (max |diff| %.2g)", error)
             return

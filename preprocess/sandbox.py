@@ -18,6 +18,7 @@ network namespace when the kernel allows one, a temporary directory, and the use
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -113,9 +114,15 @@ _BWRAP_FIX = (
 )
 
 
+@functools.cache
+def _system_tool(name: str) -> str | None:
+    """``name`` from the system's own folders (looked up once: runs come by the thousand)."""
+    return shutil.which(name, path="/usr/bin:/bin")
+
+
 def _bwrap_prefix(python: str, limits: Limits, script_fd: int) -> list[str]:
     """The command line that puts one run in its bubblewrap sandbox."""
-    tools = {name: shutil.which(name, path="/usr/bin:/bin") for name in ("bwrap", "setpriv")}
+    tools = {name: _system_tool(name) for name in ("bwrap", "setpriv")}
     prefix = []
     if os.geteuid() == 0:  # never root, not even root of a user namespace: nobody first
         prefix = [
