@@ -74,6 +74,12 @@ OverwriteOpt = typer.Option(
     False, "--overwrite", help="Replace an existing output directory (its old files go too)."
 )
 LimitOpt = typer.Option(None, min=1, help="Use only the first N rows: a cheap trial run.")
+ShardOpt = typer.Option(
+    None,
+    help="Process only shard I of N (0 <= I < N): the input lines n with (n - 1) mod N == I, "
+    "so N machines (e.g. a Slurm array, I = $SLURM_ARRAY_TASK_ID) split one input without "
+    "overlap; join their outputs with 'fgit-preprocess merge'.",
+)
 PushOpt = typer.Option(
     None,
     "--push-to-hub",
@@ -153,6 +159,16 @@ def _limited(ds, limit: int | None):
     return ds.select(range(min(limit, len(ds)))) if limit else ds
 
 
+def _shard(spec: str | None):
+    """``--shard I/N`` parsed (None: the whole input), or a clear error before any work."""
+    from fgit_preprocess.shards import Shard, ShardError
+
+    try:
+        return Shard.parse(spec) if spec is not None else None
+    except ShardError as err:
+        fail(str(err))
+
+
 def _push(output: Path, repo: str | None) -> None:
     if repo:
         from fgit_preprocess.card import push_to_hub
@@ -225,6 +241,7 @@ def masks(
     tokenizer: str | None = TokenizerOpt,
     num_proc: int = NumProcOpt,
     limit: int | None = LimitOpt,
+    shard: str | None = ShardOpt,
     overwrite: bool = OverwriteOpt,
     push_to_hub: str | None = PushOpt,
 ) -> None:
@@ -232,10 +249,12 @@ def masks(
     responses; write the Arrow dataset, report.json and the rejects file."""
     _setup_logging()
     from fgit_preprocess.pipeline import EmptyOutput, MaskFn, compute_masks, save
+    from fgit_preprocess.shards import take
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
 
     if diff_scope not in ("code", "response"):
         fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
+    part = _shard(shard)
     _check_output(output, overwrite, input)
     try:
         ds, bad_lines = load_rows(input, split)
@@ -249,7 +268,7 @@ def masks(
         )
     except InputError as err:
         fail(str(err))
-    ds = _limited(ds, limit)
+    ds, bad_lines = take(_limited(ds, limit), bad_lines, part)
     fn = MaskFn(fields, diff_scope, _load_tokenizer(tokenizer))
     kept, rejected = compute_masks(ds, fn, num_proc)
     params = {
@@ -259,6 +278,8 @@ def masks(
         "diff_scope": diff_scope,
         "fields": vars(fields),
         "tokenizer": tokenizer,
+        "limit": limit,
+        "shard": shard and str(part),
     }
     try:
         report = save(kept, rejected, output, params, extra_rejects=bad_lines)
@@ -360,6 +381,7 @@ def run(
         "that plus 5 s); a run over it fails, so the variant counts as wrong.",
     ),
     limit: int | None = LimitOpt,
+    shard: str | None = ShardOpt,
     overwrite: bool = OverwriteOpt,
     push_to_hub: str | None = PushOpt,
 ) -> None:
@@ -371,6 +393,7 @@ def run(
     from fgit_preprocess.run import BudgetStop, RunOptions, generate
     from fgit_preprocess.sandbox import MODES as SANDBOX_MODES
     from fgit_preprocess.sandbox import Limits
+    from fgit_preprocess.shards import take
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
     from fgit_preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
 
@@ -384,6 +407,7 @@ def run(
         fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
     if sandbox not in SANDBOX_MODES:
         fail(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {sandbox!r}")
+    part = _shard(shard)
     cache = cache or output.with_name(output.name + ".teacher-cache.sqlite")
     _check_output(output, overwrite, input, ("--cache", cache))
     try:
@@ -396,7 +420,7 @@ def run(
         fail(
             f"--tests-field {tests_field!r} is not a column; columns: {', '.join(ds.column_names)}"
         )
-    ds = _limited(ds, limit)
+    ds, bad_lines = take(_limited(ds, limit), bad_lines, part)
     settings = _options(TeacherSettings, locals(), model=teacher)
     opts = _options(
         RunOptions,
@@ -410,6 +434,7 @@ def run(
             "split": split,
             "limit": limit,
             "test_seconds": test_seconds if tests_field else None,
+            "shard": shard and str(part),
         },
     )
     try:
@@ -459,6 +484,38 @@ def _print_report(report: dict, output: Path) -> None:
         rate = "n/a" if tests["kill_rate"] is None else f"{tests['kill_rate']:.1%}"
         table.add_row("variants failing their tests (kill rate)", rate)
     Console(stderr=True).print(table)
+
+
+@app.command()
+def merge(
+    output: Path = typer.Argument(..., help="Directory for the merged dataset."),
+    shards: list[Path] = typer.Argument(
+        ..., help="The shard outputs (every I/N of one job, each once), in any order."
+    ),
+    overwrite: bool = OverwriteOpt,
+    push_to_hub: str | None = PushOpt,
+) -> None:
+    """Join the outputs of 'run --shard I/N' (or 'masks --shard I/N') into one dataset in
+    input order, with one report.json, one rejects file and one card. Refuses shards made
+    with different parameters, a missing shard, or one given twice."""
+    _setup_logging()
+    from fgit_preprocess.pipeline import EmptyOutput
+    from fgit_preprocess.shards import ShardError
+    from fgit_preprocess.shards import merge as join
+
+    target = output.resolve()
+    for folder in shards:
+        if not folder.is_dir():
+            fail(f"shard {folder} is not a directory")
+        if folder.resolve() == target or target in folder.resolve().parents:
+            fail(f"the output {output} would overwrite shard {folder}; choose another output")
+    _check_output(output, overwrite, str(shards[0]))
+    try:
+        report = join(shards, output)
+    except (ShardError, EmptyOutput, OSError) as err:
+        fail(str(err))
+    _print_report(report, output)
+    _push(output, push_to_hub)
 
 
 @app.command()
