@@ -63,7 +63,12 @@ ScopeOpt = typer.Option(
     "responses (whole text when there is no fence); 'response': diff "
     "the full texts.",
 )
-NumProcOpt = typer.Option(1, min=1, help="Worker processes for the mask stage.")
+NumProcOpt = typer.Option(
+    1,
+    min=1,
+    help="Worker processes for the mutate teacher and the mask stage (the output is the "
+    "same for any count); set it to the machine's cores.",
+)
 TokenizerOpt = typer.Option(
     None,
     help="Also write token-level hybrid vectors "

@@ -9,8 +9,11 @@ for K variants → filter each answer (``variants``) → keep the most similar v
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,11 +130,24 @@ def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dic
 
 
 def _ask_mutate(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dict[str, Any]]:
+    """The mutation teacher on every row, in ``opts.num_proc`` processes: each row's
+    variants depend only on the row and the seed, so the output is the same for any count."""
     from fgit_preprocess.mutate import mutate_response
 
+    work = partial(mutate_response, k=opts.teacher.num_variants, seed=opts.seed)
+    responses = [row[COLS.correct] for row in rows]
+    bar = partial(tqdm, total=len(rows), desc="Mutating", unit="row")
     out = Outcome()
-    for i, row in enumerate(tqdm(rows, desc="Mutating", unit="row")):
-        out.texts[i] = mutate_response(row[COLS.correct], opts.teacher.num_variants, opts.seed)
+    if opts.num_proc == 1:
+        found = map(work, responses)
+        out.texts = dict(enumerate(bar(found)))
+    else:  # spawn: the parent has torch and its threads loaded; fork could deadlock
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(opts.num_proc, mp_context=context) as pool:
+            found = pool.map(
+                work, responses, chunksize=max(1, min(256, len(rows) // (8 * opts.num_proc)))
+            )
+            out.texts = dict(enumerate(bar(found)))
     return out, {"requests": 0, "cost_usd": 0.0}
 
 
