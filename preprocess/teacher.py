@@ -130,6 +130,9 @@ class Outcome:
     failed: int = 0
     retries: int = 0
     unsent: int = 0  # requests left for a resumed run because --max-cost was reached
+    topped_up: int = 0  # single-answer calls made because a server returned fewer than n
+    prompt_tokens: int = 0  # as the server counted them (its usage field), this run's calls
+    completion_tokens: int = 0
 
 
 def _litellm():
@@ -268,7 +271,8 @@ class Teacher:
                 cost = 0.0
         return float(cost or 0.0)
 
-    async def _call(self, req: Request, out: Outcome) -> tuple[list[str], float]:
+    async def _complete(self, req: Request, n: int, out: Outcome) -> tuple[list[str], float]:
+        """One completion call asking for ``n`` answers, retried on transient errors."""
         kwargs: dict[str, Any] = dict(
             model=self.s.model,
             messages=req.messages,
@@ -278,8 +282,8 @@ class Teacher:
             num_retries=0,
             max_retries=0,
         )
-        if req.n > 1:
-            kwargs["n"] = req.n
+        if n > 1:
+            kwargs["n"] = n
         if self.s.api_base:
             kwargs["api_base"] = self.s.api_base
         for attempt in range(self.s.max_retries + 1):
@@ -287,6 +291,9 @@ class Teacher:
                 response = await asyncio.wait_for(
                     self.litellm.acompletion(**kwargs), self.s.timeout + 5
                 )
+                usage = getattr(response, "usage", None)
+                out.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
+                out.completion_tokens += getattr(usage, "completion_tokens", 0) or 0
                 # A server may echo what it was sent, the key included: scrub before storing.
                 texts = [redact(c.message.content or "") for c in response.choices]
                 return texts, self._cost(response)
@@ -304,6 +311,18 @@ class Teacher:
                 LOG.debug("retrying row %d after %s (%.2fs)", req.row, type(err).__name__, wait)
                 await asyncio.sleep(min(wait, self.s.max_backoff))
         raise AssertionError("unreachable")
+
+    async def _call(self, req: Request, out: Outcome) -> tuple[list[str], float]:
+        """``req.n`` answers. A server that returns fewer choices than ``n`` asked for
+        (llama.cpp's ignores ``n``) gets the rest asked for one at a time, in parallel."""
+        texts, cost = await self._complete(req, req.n, out)
+        missing = req.n - len(texts)
+        if missing > 0:
+            more = await asyncio.gather(*(self._complete(req, 1, out) for _ in range(missing)))
+            out.topped_up += missing
+            texts = [*texts, *(t for answer, _ in more for t in answer)]
+            cost += sum(c for _, c in more)
+        return texts, cost
 
     async def _worker(self, queue: asyncio.Queue, out: Outcome) -> None:
         while True:

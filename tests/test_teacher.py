@@ -36,8 +36,15 @@ def solution_of(body: dict) -> str:
 
 
 def good_answers(body: dict) -> list[str]:
-    """Deterministic near-miss answers, as a well-behaved teacher would give."""
-    return mutate_response(solution_of(body), body.get("n", 1), seed=7)
+    """Deterministic near-miss answers, as a well-behaved teacher would give: as many as
+    ``n`` asks (a server that honours ``n`` never returns fewer choices)."""
+    n, solution = body.get("n", 1), solution_of(body)
+    found = mutate_response(solution, n, seed=7)
+    seed = 8
+    while len(found) < n and seed < 40:
+        found += [v for v in mutate_response(solution, n, seed=seed) if v not in found]
+        seed += 1
+    return (found + found[-1:] * n)[:n]
 
 
 def ok(body: dict, index: int) -> Reply:
@@ -155,7 +162,12 @@ def test_faults_are_retried_and_every_row_is_accounted_for(tmp_path):
     assert report["rows_out"] == 5
     # Rows whose requests all failed are teacher errors (a rerun retries exactly those).
     assert report["rejects_by_reason"] == {"no-valid-variant": 2, "teacher-error": 1}
-    assert report["variant_rejects_by_reason"] == {"no-code-block": 3, "refusal": 3}
+    # Row 7's code has one possible fault: the server repeats it to fill n = 3.
+    assert report["variant_rejects_by_reason"] == {
+        "duplicate": 2,
+        "no-code-block": 3,
+        "refusal": 3,
+    }
     assert report["teacher"]["retries"] >= 6
     rejects = {
         json.loads(line)["prompt"][:8]: json.loads(line) for line in rejects_path(out).open()
@@ -330,6 +342,27 @@ def test_parallel_calls_when_n_is_unsupported(tmp_path):
         out = asyncio.run(teacher.run(requests))
     assert len(srv.requests) == 6 and all("n" not in b for b in srv.requests)
     assert [len(out.texts[i]) for i in range(2)] == [3, 3]
+
+
+def test_a_server_that_ignores_n_is_topped_up_with_single_calls(tmp_path):
+    """llama.cpp's server answers one choice whatever n asks: the rest come from parallel
+    single-answer calls, every row still gets K variants, and the report counts them."""
+
+    def one_choice(body: dict, index: int) -> Reply:
+        return Reply(200, completion(good_answers({**body, "n": 1}), prompt_tokens=7 + index))
+
+    data = write_rows(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out"
+    with LoopbackServer(one_choice) as srv:
+        run_cli(*run_args(data, out, srv), env=ENV)
+    asked_n = [b for b in srv.requests if b.get("n") == 3]
+    singles = [b for b in srv.requests if "n" not in b]
+    assert len(asked_n) == 4 and len(singles) == 4 * 2  # 1 answer + 2 more per row
+    teacher = json.loads((out / "report.json").read_text())["teacher"]
+    assert teacher["calls"] == 4 and teacher["topped_up"] == 8
+    assert teacher["prompt_tokens"] == sum(7 + i for i in range(12))  # the server's counts
+    assert teacher["completion_tokens"] == 12 * 50
+    assert all(n >= 1 for n in datasets.load_from_disk(str(out))["num_valid_variants"])
 
 
 def test_bad_inputs_give_clear_errors_or_reasoned_rejects(tmp_path):
