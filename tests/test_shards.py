@@ -117,3 +117,32 @@ def test_masks_takes_a_shard_too(tmp_path):
     run_cli("merge", tmp_path / "merged", *parts)
     got = datasets.load_from_disk(str(tmp_path / "merged")).to_list()
     assert got == datasets.load_from_disk(str(whole)).to_list()
+
+
+def test_reports_merge_counts_and_recompute_means_and_rates():
+    from fgit_preprocess.shards import merge_reports
+
+    def report(rows_out, sim, valid, run, killed, calls):
+        return {
+            "status": "complete",
+            "rows_in": rows_out + 1,
+            "rows_out": rows_out,
+            "rejected": 1,
+            "rejects_by_reason": {"bad-json": 1},
+            "similarity_mean": sim,
+            "valid_variants": valid,
+            "valid_variants_mean": valid / rows_out,
+            "variant_rejects_by_reason": {"refusal": calls},
+            "teacher": {"requests": calls, "uses_n": True, "cost_usd": 0.5, "model": "m"},
+            "tests": {"variants_run": run, "variants_killed": killed, "kill_rate": killed / run},
+            "params": {"shard": "x"},
+        }
+
+    merged = merge_reports([report(2, 0.9, 4, 10, 5, 3), report(6, 0.5, 6, 30, 27, 1)])
+    assert merged["similarity_mean"] == pytest.approx((2 * 0.9 + 6 * 0.5) / 8)
+    assert merged["valid_variants"] == 10 and merged["valid_variants_mean"] == 10 / 8
+    assert merged["tests"]["kill_rate"] == pytest.approx(32 / 40)
+    assert merged["teacher"] == {"requests": 4, "uses_n": True, "cost_usd": 1.0, "model": "m"}
+    assert merged["variant_rejects_by_reason"] == {"refusal": 4}
+    assert merged["status"] == "complete" and "params" not in merged
+    assert "rows_out" not in merged  # the merged dataset's own counts come when it is saved
