@@ -41,8 +41,7 @@ def llama_server(tmp_path_factory):
         import llama_cpp.server  # noqa: F401
     except ImportError as err:
         pytest.fail(
-            f"llama-cpp-python[server] is not installed ({err}); bash scripts/test.sh "
-            "installs it"
+            f"llama-cpp-python[server] is not installed ({err}); bash scripts/test.sh installs it"
         )
     log = tmp_path_factory.mktemp("llama") / "server.log"
     port = _free_port()
