@@ -502,7 +502,10 @@ def merge(
 ) -> None:
     """Join the outputs of 'run --shard I/N' (or 'masks --shard I/N') into one dataset in
     input order, with one report.json, one rejects file and one card. Refuses shards made
-    with different parameters, a missing shard, or one given twice."""
+    with different parameters, a missing shard, or one given twice.
+
+    OUTPUT is the merged dataset's directory; SHARDS are the shard output directories
+    (every I/N of one job, each once, in any order)."""
     _setup_logging()
     from fgit_preprocess.pipeline import EmptyOutput
     from fgit_preprocess.shards import ShardError
