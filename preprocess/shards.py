@@ -77,18 +77,13 @@ def check_shards(folders: list[Path]) -> dict[str, Any]:
     seen = Counter(s.index for s in specs)
     missing = sorted(set(range(counts.pop())) - set(seen))
     twice = sorted(i for i, n in seen.items() if n > 1)
-    if missing or twice:
-        raise ShardError(
-            f"the shards must be every I/{specs[0].count} once: "
-            + "; ".join(
-                part
-                for part in (
-                    f"missing {missing}" if missing else "",
-                    f"given more than once {twice}" if twice else "",
-                )
-                if part
-            )
-        )
+    wrong = []
+    if missing:
+        wrong.append(f"missing {missing}")
+    if twice:
+        wrong.append(f"given more than once {twice}")
+    if wrong:
+        raise ShardError(f"the shards must be every I/{specs[0].count} once: " + "; ".join(wrong))
     shared = {k: v for k, v in params[0].items() if k != SHARD_PARAM}
     for folder, p in zip(folders[1:], params[1:]):
         differ = sorted(
