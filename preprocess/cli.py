@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 import typer
 
+from fgit_preprocess.chunks import CHUNK_ROWS
+
 app = typer.Typer(
     help="Offline preprocessing for FGIT (fault-guided fine-tuning): pair each correct "
     "response with a similar-but-wrong one and mark the error-sensitive segments.",
@@ -77,6 +79,13 @@ TokenizerOpt = typer.Option(
 )
 OverwriteOpt = typer.Option(
     False, "--overwrite", help="Replace an existing output directory (its old files go too)."
+)
+ChunkOpt = typer.Option(
+    CHUNK_ROWS,
+    min=1,
+    help="Rows taken through every stage at once and then written to disk: memory holds "
+    "one chunk, whatever the input's size. A killed run, rerun with the same command, "
+    "resumes at its first unfinished chunk. The output is the same for any value.",
 )
 LimitOpt = typer.Option(None, min=1, help="Use only the first N rows: a cheap trial run.")
 ShardOpt = typer.Option(
@@ -245,6 +254,7 @@ def masks(
     diff_scope: str = ScopeOpt,
     tokenizer: str | None = TokenizerOpt,
     num_proc: int = NumProcOpt,
+    chunk_rows: int = ChunkOpt,
     limit: int | None = LimitOpt,
     shard: str | None = ShardOpt,
     overwrite: bool = OverwriteOpt,
@@ -253,7 +263,8 @@ def masks(
     """Mark error-sensitive segments in a dataset that already pairs correct and incorrect
     responses; write the Arrow dataset, report.json and the rejects file."""
     _setup_logging()
-    from fgit_preprocess.pipeline import EmptyOutput, MaskFn, compute_masks, save
+    from fgit_preprocess.chunks import masks_in_chunks
+    from fgit_preprocess.pipeline import EmptyOutput, MaskFn
     from fgit_preprocess.shards import take
     from fgit_preprocess.sources import InputError, load_rows, resolve_fields
 
@@ -275,7 +286,6 @@ def masks(
         fail(str(err))
     ds, bad_lines = take(_limited(ds, limit), bad_lines, part)
     fn = MaskFn(fields, diff_scope, _load_tokenizer(tokenizer))
-    kept, rejected = compute_masks(ds, fn, num_proc)
     params = {
         "command": "masks",
         "input": input,
@@ -287,7 +297,7 @@ def masks(
         "shard": shard and str(part),
     }
     try:
-        report = save(kept, rejected, output, params, extra_rejects=bad_lines)
+        report = masks_in_chunks(ds, fn, output, params, bad_lines, num_proc, chunk_rows)
     except (EmptyOutput, OSError) as err:
         fail(str(err))
     _print_report(report, output)
@@ -363,6 +373,7 @@ def run(
     correct_field: str | None = CorrectOpt,
     diff_scope: str = ScopeOpt,
     num_proc: int = NumProcOpt,
+    chunk_rows: int = ChunkOpt,
     tests_field: str | None = typer.Option(
         None,
         help="Column with each row's tests (Python asserts or a test harness). The correct "

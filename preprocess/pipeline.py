@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -192,65 +193,72 @@ def claim(output: Path) -> IO[str]:
     return fh
 
 
-def nothing_kept(output: Path, rejected, extra: list[dict[str, Any]] = ()) -> tuple[Counter, str]:
-    """Write the rejects of a run that kept no row. An old dataset at ``output`` (the run
-    was asked to overwrite it) goes too, so the folder never sits beside another run's
-    rejects; the returned note says so."""
-    counts = write_rejects(rejects_path(output), rejected, extra)
+def clear_output(output: Path) -> str:
+    """Remove an old dataset at ``output`` (the run was asked to overwrite it) when a run
+    keeps no row, so the folder never sits beside another run's rejects; say so."""
     if not output.exists():
-        return counts, f"Nothing was written to {output}"
+        return f"Nothing was written to {output}"
     shutil.rmtree(output)
-    return counts, (
+    return (
         f"Nothing was written, and the previous dataset in {output} was removed "
         "(--overwrite) so that it is not taken for this run's"
     )
 
 
-def save(
-    kept,
-    rejected,
-    output: Path,
-    params: dict[str, Any],
-    report: dict[str, Any] | None = None,
-    extra_rejects: list[dict] = (),
-) -> dict:
-    """Write the Arrow dataset, its parameters, card, ``report.json`` and the rejects file.
-
-    Everything is written into a temporary folder beside ``output``, loaded back as a check,
-    and only then renamed onto ``output`` (replacing what was there): a crash never leaves a
-    folder that looks complete, and an output with no row is refused (``EmptyOutput``).
-    """
-    if len(kept) == 0:
-        counts, note = nothing_kept(output, rejected, extra_rejects)
-        raise EmptyOutput(
-            f"no row survived ({sum(counts.values())} rejected: {dict(sorted(counts.items()))})"
-            f"; see {rejects_path(output)}. {note}"
-        )
-    counts = write_rejects(rejects_path(output), rejected, extra_rejects)
-    n_rejected = sum(counts.values())
-    full = {
-        "rows_in": len(kept) + n_rejected,
-        "rows_out": len(kept),
-        "rejected": n_rejected,
+def summary(
+    rows_out: int, counts: Counter, output: Path, params: dict[str, Any], report: dict[str, Any]
+) -> dict[str, Any]:
+    """``report.json``: the row counts, the rejects by reason, the parameters, and the
+    stages' own report."""
+    return {
+        "rows_in": rows_out + sum(counts.values()),
+        "rows_out": rows_out,
+        "rejected": sum(counts.values()),
         "rejects_by_reason": dict(sorted(counts.items())),
         "rejects_file": str(rejects_path(output)),
         "params": params,
-        **(report or {}),
+        **report,
     }
+
+
+def publish(output: Path, write_data: Callable[[Path], None], rows: int, full: dict) -> None:
+    """Write the dataset (``write_data`` fills a folder), its parameters, card and
+    ``report.json`` into a temporary folder beside ``output``, load it back as a check,
+    and only then rename it onto ``output`` (replacing what was there): a crash never
+    leaves a folder that looks complete."""
     import datasets
 
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        kept.save_to_disk(str(staging))
-        write_json(staging / PARAMS_FILE, params_record(**params))
+        write_data(staging)
+        write_json(staging / PARAMS_FILE, params_record(**full["params"]))
         write_json(staging / REPORT_FILE, full)
         (staging / "README.md").write_text(render_card(full))
-        if len(datasets.load_from_disk(str(staging))) != len(kept):
-            raise RuntimeError(f"{staging} did not load back with {len(kept)} rows")
+        if len(datasets.load_from_disk(str(staging))) != rows:
+            raise RuntimeError(f"{staging} did not load back with {rows} rows")
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save(
+    kept,
+    output: Path,
+    params: dict[str, Any],
+    report: dict[str, Any],
+    rejects: list[dict],
+) -> dict:
+    """Write one in-memory result (``kept`` rows and ``rejects`` records) as the output;
+    an output with no row is refused (``EmptyOutput``), its rejects still written."""
+    counts = write_rejects(rejects_path(output), [], rejects)
+    if len(kept) == 0:
+        raise EmptyOutput(
+            f"no row survived ({sum(counts.values())} rejected: {dict(sorted(counts.items()))})"
+            f"; see {rejects_path(output)}. {clear_output(output)}"
+        )
+    full = summary(len(kept), counts, output, params, report)
+    publish(output, lambda staging: kept.save_to_disk(str(staging)), len(kept), full)
     return full

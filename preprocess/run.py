@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,9 @@ from tqdm.auto import tqdm
 from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
 from fgit_preprocess.cache import AnswerCache
 from fgit_preprocess.card import format_usd
+from fgit_preprocess.chunks import CHUNK_ROWS, ChunkedOutput
 from fgit_preprocess.diff import DiffScope, code_view
-from fgit_preprocess.pipeline import MaskFn, compute_masks, nothing_kept, save
+from fgit_preprocess.pipeline import EmptyOutput, MaskFn, compute_masks
 from fgit_preprocess.sandbox import Limits, isolation, run_many
 from fgit_preprocess.selection import EmbeddingScorer, choose, levenshtein_scores
 from fgit_preprocess.sources import (
@@ -32,7 +35,6 @@ from fgit_preprocess.sources import (
     Fields,
     RowError,
     normalise_row,
-    rejects_path,
 )
 from fgit_preprocess.teacher import (
     Outcome,
@@ -75,6 +77,7 @@ class RunOptions:
     diff_scope: DiffScope = "code"
     seed: int = 0
     num_proc: int = 1
+    chunk_rows: int = CHUNK_ROWS
     tests_field: str | None = None  # run variants against this column's tests
     sandbox: Limits = field(default_factory=Limits)
     extra_params: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +89,14 @@ def _problem(row: dict[str, Any]) -> str:
     return row[COLS.prompt]
 
 
-def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dict[str, Any]]:
+Ask = Callable[[list[dict[str, Any]], TeacherSettings], tuple[Outcome, dict[str, Any]]]
+
+
+def _ask_llm(
+    rows: list[dict[str, Any]], teacher: TeacherSettings, opts: RunOptions
+) -> tuple[Outcome, dict[str, Any]]:
+    """The LLM teacher on ``rows``, under ``teacher`` (the run's settings with what is left
+    of its budget)."""
     prompts = [
         [
             {
@@ -96,9 +106,9 @@ def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dic
         ]
         for r in rows
     ]
-    use_n = preflight(opts.teacher)
-    requests = build_requests(prompts, opts.teacher, use_n)
-    bar = tqdm(total=len(requests), desc="Teacher", unit="req")
+    use_n = preflight(teacher)
+    requests = build_requests(prompts, teacher, use_n)
+    bar = tqdm(total=len(requests), desc="Teacher", unit="req", leave=False)
 
     def progress(out: Outcome) -> None:
         bar.n = out.calls + out.cached + out.failed
@@ -111,7 +121,7 @@ def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dic
 
     cache = AnswerCache(opts.cache)
     try:
-        out = asyncio.run(Teacher(opts.teacher, cache, progress).run(requests))
+        out = asyncio.run(Teacher(teacher, cache, progress).run(requests))
     finally:
         cache.close()
         bar.close()
@@ -128,37 +138,45 @@ def _ask_llm(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dic
         "cost_usd": round(out.cost_new + out.cost_cached, 6),
         "cost_usd_this_run": round(out.cost_new, 6),
         "unsent": out.unsent,
+        "failed_rows_by_error": dict(Counter(m.split(":", 1)[0] for m in out.errors.values())),
     }
     return out, info
 
 
-def _ask_mutate(rows: list[dict[str, Any]], opts: RunOptions) -> tuple[Outcome, dict[str, Any]]:
-    """The mutation teacher on every row, in ``opts.num_proc`` processes: each row's
-    variants depend only on the row and the seed, so the output is the same for any count."""
+@contextmanager
+def _mutation_teacher(opts: RunOptions) -> Iterator[Ask]:
+    """The mutation teacher, with its ``opts.num_proc`` worker processes started once for
+    every chunk: each row's variants depend only on the row and the seed, so the output
+    is the same for any count."""
     from fgit_preprocess.mutate import mutate_response
 
     work = partial(mutate_response, k=opts.teacher.num_variants, seed=opts.seed)
-    responses = [row[COLS.correct] for row in rows]
-    bar = partial(tqdm, total=len(rows), desc="Mutating", unit="row")
-    out = Outcome()
-    if opts.num_proc == 1:
-        found = map(work, responses)
-        out.texts = dict(enumerate(bar(found)))
-    else:  # spawn: the parent has torch and its threads loaded; fork could deadlock
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(opts.num_proc, mp_context=context) as pool:
-            found = pool.map(
-                work, responses, chunksize=max(1, min(256, len(rows) // (8 * opts.num_proc)))
-            )
-            out.texts = dict(enumerate(bar(found)))
-    return out, {"requests": 0, "cost_usd": 0.0}
+    with ExitStack() as stack:
+        mapper: Callable = map
+        if opts.num_proc > 1:  # spawn: the parent has torch and its threads; fork could hang
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(opts.num_proc, mp_context=context))
+            chunksize = max(1, min(256, opts.chunk_rows // (8 * opts.num_proc)))
+            mapper = partial(pool.map, chunksize=chunksize)
+
+        def ask(rows: list[dict[str, Any]], _teacher: TeacherSettings):
+            found = mapper(work, [row[COLS.correct] for row in rows])
+            bar = tqdm(found, total=len(rows), desc="Mutating", unit="row", leave=False)
+            return Outcome(texts=dict(enumerate(bar))), {"requests": 0, "cost_usd": 0.0}
+
+        yield ask
+
+
+@contextmanager
+def _llm_teacher(opts: RunOptions) -> Iterator[Ask]:
+    yield partial(_ask_llm, opts=opts)
 
 
 def _read(ds, fields: Fields) -> tuple[list[dict], list[dict], list[dict]]:
     """Normalised rows, the columns each carries through, and reject records."""
     rows, originals, rejects = [], [], []
     consumed = fields.consumed()
-    for raw in tqdm(ds, desc="Reading rows", unit="row"):
+    for raw in tqdm(ds, desc="Reading rows", unit="row", leave=False):
         try:
             row = normalise_row(raw, fields)
         except RowError as err:
@@ -167,14 +185,6 @@ def _read(ds, fields: Fields) -> tuple[list[dict], list[dict], list[dict]]:
         rows.append(row)
         originals.append({k: v for k, v in raw.items() if k not in consumed})
     return rows, originals, rejects
-
-
-def _dominant(errors: dict[int, str]) -> str:
-    """The most common teacher error, with a sample message: why the rows were lost."""
-    kinds = Counter(message.split(":", 1)[0] for message in errors.values())
-    kind, n = kinds.most_common(1)[0]
-    sample = next(m for m in errors.values() if m.startswith(kind))
-    return f"{n} of {len(errors)} failed rows: {sample[:300]}"
 
 
 def _candidates(rows, originals, outcome: Outcome, opts: RunOptions):
@@ -261,14 +271,18 @@ def _prove_wrong(rows, originals, kept_rows, candidates, opts: RunOptions):
     return keep_rows, keep_cands, rejects, report
 
 
+# Teacher settings that change how answers are fetched, not what they are: a resumed run
+# may change them (a higher --max-cost above all) and keep its finished chunks.
+FETCH_SETTINGS = ("max_cost", "concurrency", "timeout", "max_retries", "backoff", "max_backoff")
+
+
 def generate(
     ds, fields: Fields, output: Path, opts: RunOptions, bad_lines: list[dict] = ()
 ) -> dict[str, Any]:
-    """The whole ``run`` command after loading; returns the report it wrote."""
-    rows, originals, rejects = _read(ds, fields)
-    rejects = [*bad_lines, *rejects]
-    ask = _ask_mutate if opts.teacher.model == MUTATE else _ask_llm
-    if ask is _ask_llm:
+    """The whole ``run`` command after loading, ``opts.chunk_rows`` rows at a time
+    (``chunks``); returns the report it wrote."""
+    llm = opts.teacher.model != MUTATE
+    if llm:
         preflight(opts.teacher)  # a missing key or unknown model fails before the embedder
         AnswerCache(opts.cache).close()  # so does a --cache that is not one
     if opts.tests_field:
@@ -279,14 +293,55 @@ def generate(
         if opts.similarity == "embedding"
         else levenshtein_scores
     )
-    outcome, teacher_info = ask(rows, opts)
-    if teacher_info.get("unsent"):
-        raise BudgetStop(
-            f"--max-cost {opts.teacher.max_cost} reached after "
-            f"{format_usd(teacher_info['cost_usd'])}; {teacher_info['unsent']} requests not "
-            "sent and nothing was written. Every answer so far is cached and is not paid again.",
-            {"status": "budget-reached", "teacher": teacher_info},
-        )
+    params = _scrub(
+        {
+            "command": "run",
+            "teacher": asdict(opts.teacher),
+            "template": opts.template,
+            "similarity": opts.similarity,
+            "embedder": opts.embedder if opts.similarity == "embedding" else None,
+            "embed_dtype": scorer.dtype if opts.similarity == "embedding" else None,
+            "require_parse": opts.require_parse,
+            "diff_scope": opts.diff_scope,
+            "seed": opts.seed,
+            "tests_field": opts.tests_field,
+            "fields": asdict(fields),
+            **opts.extra_params,
+        }
+    )
+    same = {k: v for k, v in params["teacher"].items() if k not in FETCH_SETTINGS}
+    chunks = ChunkedOutput(output, {**params, "teacher": same}, len(ds), opts.chunk_rows)
+    bar = tqdm(total=len(ds), desc="Rows", unit="row")
+    with (_llm_teacher if llm else _mutation_teacher)(opts) as ask:
+        for chunk in chunks.pending():
+            bar.n = chunk.start
+            teacher = opts.teacher
+            if teacher.max_cost is not None:
+                spent = sum(r["teacher"]["cost_usd"] for r in chunks.finished())
+                teacher = replace(teacher, max_cost=max(0.0, teacher.max_cost - spent))
+            part = ds.select(range(chunk.start, chunk.stop))
+            kept, rejected, rejects, report = _generate_chunk(
+                part, fields, opts, ask, teacher, scorer
+            )
+            if report["teacher"].get("unsent"):
+                _budget_stop(chunks, chunk, report["teacher"], len(ds), opts.teacher.max_cost)
+            first = list(bad_lines) if chunk.index == 0 else []
+            chunks.write(chunk, kept, rejected, [*first, *rejects], report)
+            bar.update(chunk.stop - bar.n)
+    bar.close()
+    try:
+        return chunks.finish(params)
+    except EmptyOutput as err:
+        raise RuntimeError(f"no row has a valid variant; {_why_none(chunks)}. {err}") from None
+
+
+def _generate_chunk(ds, fields: Fields, opts: RunOptions, ask: Ask, teacher, scorer):
+    """One chunk through teacher, filters, tests, selection and masks: ``(kept, rejected,
+    rejects, report)``: two datasets, the earlier stages' reject records, the report."""
+    import datasets
+
+    rows, originals, rejects = _read(ds, fields)
+    outcome, teacher_info = ask(rows, teacher)
     kept_rows, candidates, lost, variant_reasons = _candidates(rows, originals, outcome, opts)
     rejects += lost
     tests_report = None
@@ -296,26 +351,9 @@ def generate(
         )
         rejects += lost
         variant_reasons[EQUIVALENT] += tests_report["equivalent"]
-    if not kept_rows:
-        counts, note = nothing_kept(output, [], rejects)
-        if outcome.errors:
-            cause = f"the teacher failed: {_dominant(outcome.errors)}"
-        elif not counts:
-            cause = "the input has no rows"
-        else:
-            reason, _ = counts.most_common(1)[0]
-            example = next(r[REJECT_DETAIL] for r in rejects if r[REJECT] == reason)
-            cause = (
-                f"rows rejected {dict(counts)}, variant rejects {dict(variant_reasons)}; "
-                f"a {reason} row: {example[:300]}"
-            )
-        raise RuntimeError(
-            f"no row has a valid variant; {cause}. Every row is in {rejects_path(output)}. {note}"
-        )
-
     correct_code = [code_view(rows[i][COLS.correct]).text for i in kept_rows]
     cand_code = [[c.code for c in found] for found in candidates]
-    scores = scorer(correct_code, cand_code)
+    scores = scorer(correct_code, cand_code) if kept_rows else []
     paired = []
     for i, found, pick in zip(kept_rows, candidates, choose(scores)):
         best, score = pick
@@ -328,9 +366,17 @@ def generate(
                 "num_valid_variants": len(found),
             }
         )
-
-    import datasets
-
+    report = {
+        "status": "complete",
+        "teacher": teacher_info,
+        "variant_rejects_by_reason": dict(sorted(variant_reasons.items())),
+        "rows_paired": len(paired),
+        "valid_variants": sum(p["num_valid_variants"] for p in paired),
+        **({"tests": tests_report} if tests_report else {}),
+    }
+    if not paired:
+        return datasets.Dataset.from_dict({}), [], rejects, report
+    report["similarity_mean"] = sum(p["similarity"] for p in paired) / len(paired)
     pair_fields = Fields(
         None if fields.messages else COLS.prompt,
         COLS.messages if fields.messages else None,
@@ -340,31 +386,51 @@ def generate(
     kept, rejected = compute_masks(
         datasets.Dataset.from_list(paired), MaskFn(pair_fields, opts.diff_scope), opts.num_proc
     )
-    params = {
-        "command": "run",
-        "teacher": asdict(opts.teacher),
-        "template": opts.template,
-        "similarity": opts.similarity,
-        "embedder": opts.embedder if opts.similarity == "embedding" else None,
-        "embed_dtype": scorer.dtype if opts.similarity == "embedding" else None,
-        "require_parse": opts.require_parse,
-        "diff_scope": opts.diff_scope,
-        "seed": opts.seed,
-        "tests_field": opts.tests_field,
-        "fields": asdict(fields),
-        **opts.extra_params,
+    return kept, rejected, rejects, report
+
+
+def _budget_stop(
+    chunks: ChunkedOutput, chunk, info: dict[str, Any], rows: int, budget: float
+) -> None:
+    """Stop at a spent budget: what the finished chunks and this one cost, and the
+    requests left (this chunk's, and the later chunks' at this chunk's rate)."""
+    done = chunks.finished()
+    spent = [r["teacher"] for r in done]
+    later = rows - chunk.stop
+    per_row = info["requests"] / max(1, chunk.stop - chunk.start)
+    unsent = info["unsent"] + round(later * per_row)
+    teacher = {
+        k: sum(t[k] for t in [*spent, info]) for k in ("calls", "cached", "cost_usd", "requests")
     }
-    params = _scrub(params)
-    report = {
-        "status": "complete",
-        "teacher": teacher_info,
-        "variant_rejects_by_reason": dict(sorted(variant_reasons.items())),
-        "similarity_mean": (sum(p["similarity"] for p in paired) / len(paired)),
-        "valid_variants": sum(p["num_valid_variants"] for p in paired),
-        "valid_variants_mean": (sum(p["num_valid_variants"] for p in paired) / len(paired)),
-        **({"tests": tests_report} if tests_report else {}),
-    }
-    return save(kept, rejected, output, params, report, rejects)
+    teacher["unsent"] = unsent
+    kept = f"; the {len(done)} finished chunks are kept for it" if done else ""
+    raise BudgetStop(
+        f"--max-cost {budget} reached after {format_usd(teacher['cost_usd'])}; "
+        f"{unsent} requests not sent and the output was not written{kept}. Every answer "
+        "so far is cached and is not paid again.",
+        {"status": "budget-reached", "teacher": teacher},
+    )
+
+
+def _why_none(chunks: ChunkedOutput) -> str:
+    """Why a run kept no row: the teacher's dominant failure, else the commonest reject."""
+    _, counts, report = chunks.totals()
+    errors = Counter(report.get("teacher", {}).get("failed_rows_by_error") or {})
+    if errors:
+        kind, n = errors.most_common(1)[0]
+        mark = f"teacher error: {kind}"
+        found = chunks.first_reject(lambda r: mark in r.get("detail", ""))
+        sample = found["detail"].split("teacher error: ", 1)[1] if found else kind
+        return f"the teacher failed: {n} of {errors.total()} failed rows: {sample[:300]}"
+    if not counts:
+        return "the input has no rows"
+    reason, _ = counts.most_common(1)[0]
+    found = chunks.first_reject(lambda r: r["reason"] == reason)
+    return (
+        f"rows rejected {dict(counts)}, variant rejects "
+        f"{report.get('variant_rejects_by_reason', {})}; a {reason} row: "
+        f"{(found or {}).get('detail', '')[:300]}"
+    )
 
 
 def _scrub(value: Any) -> Any:

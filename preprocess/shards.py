@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from axolotl_fgit.contract import PARAMS_FILE
+from fgit_preprocess.chunks import merge_reports
 from fgit_preprocess.sources import INPUT_LINE, REJECT, REJECT_DETAIL, REPORT_FILE, rejects_path
 
 SHARD_PARAM = "shard"  # the parameter that may differ between the shards of one job
@@ -97,37 +98,6 @@ def check_shards(folders: list[Path]) -> dict[str, Any]:
     return shared
 
 
-def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report for the merged dataset: counts add up, means and rates are recomputed
-    over all shards, settings that every shard shares are kept."""
-
-    def join(values: list[Any]) -> Any:
-        if all(isinstance(v, dict) for v in values):
-            keys = dict.fromkeys(k for v in values for k in v)
-            return {k: join([v[k] for v in values if k in v]) for k in keys}
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return sum(values)
-        return values[0] if all(v == values[0] for v in values) else values
-
-    kept = [r["rows_out"] for r in reports]
-    merged = join(
-        [{k: v for k, v in r.items() if k not in ("params", "rejects_file")} for r in reports]
-    )
-    if "status" in merged:
-        merged["status"] = "complete"
-    if "similarity_mean" in merged:
-        merged["similarity_mean"] = sum(
-            r["similarity_mean"] * n for r, n in zip(reports, kept)
-        ) / sum(kept)
-        merged["valid_variants_mean"] = merged["valid_variants"] / merged["rows_out"]
-    tests = merged.get("tests")
-    if tests and tests.get("variants_run"):
-        tests["kill_rate"] = tests["variants_killed"] / tests["variants_run"]
-    for name in ("rows_in", "rows_out", "rejected", "rejects_by_reason"):
-        merged.pop(name, None)  # the merged dataset's own counts are taken when it is saved
-    return merged
-
-
 def read_rejects(folder: Path) -> list[dict[str, Any]]:
     """A shard's rejects file, back as the reject records ``save`` writes."""
     records = []
@@ -154,4 +124,4 @@ def merge(folders: list[Path], output: Path) -> dict[str, Any]:
         (r for f in folders for r in read_rejects(f)), key=lambda r: r.get(INPUT_LINE, 0)
     )
     params = {**params, SHARD_PARAM: None, "merged_shards": [str(f) for f in folders]}
-    return save(kept, [], output, params, merge_reports(reports), rejects)
+    return save(kept, output, params, merge_reports(reports), rejects)

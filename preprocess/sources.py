@@ -8,8 +8,9 @@ input column is carried through unchanged.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,10 @@ def _jsonl_table(path: Path):
     return ds.add_column(INPUT_LINE, list(range(1, lines + 1)))
 
 
-def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of a JSONL file, and a reject record for every line that is not one.
-
-    A line that is not UTF-8, not JSON, not an object, or holds text that cannot be stored
-    (lone surrogates) is rejected with its line number; the other lines are read.
-    """
-    rows, bad = [], []
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, dict[str, Any] | None]]:
+    """``(line number, row, None)`` for every JSONL line that is a row, ``(number, None,
+    reject)`` for one that is not: not UTF-8, not JSON, not an object, or text that cannot
+    be stored (lone surrogates). Blank lines are skipped."""
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -68,13 +66,12 @@ def _jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
                 if "\\u" in text:  # an escaped lone surrogate cannot be stored as UTF-8
                     json.dumps(row, ensure_ascii=False).encode("utf-8")
             except UnicodeError as err:
-                bad.append(_bad_line(number, "bad-encoding", err, raw))
+                yield number, None, _bad_line(number, "bad-encoding", err, raw)
                 continue
             except ValueError as err:
-                bad.append(_bad_line(number, "bad-json", err, raw))
+                yield number, None, _bad_line(number, "bad-json", err, raw)
                 continue
-            rows.append({**row, INPUT_LINE: number})
-    return _uniform(rows, bad)
+            yield number, row, None
 
 
 _TYPE_NAMES = {
@@ -87,34 +84,40 @@ _TYPE_NAMES = {
 }
 
 
-def _uniform(rows: list[dict[str, Any]], bad: list[dict[str, Any]]):
-    """Reject rows whose value in a column has another type than that column has in most
-    rows (Arrow needs one type per column); the reason names the column."""
+def _jsonl_cleaned(path: Path, clean: Path) -> list[dict[str, Any]]:
+    """Write the usable rows of ``path`` to ``clean`` (each with its line number) and
+    return a reject record for every other line, reading the file twice and holding no
+    row: once to learn each column's usual type (Arrow needs one type per column), once to
+    reject the lines that are not rows or hold another type (the reason names the column)."""
     kinds: dict[str, Counter] = {}
-    for row in rows:
-        for key, value in row.items():
+    for _, row, _ in _jsonl_lines(path):
+        for key, value in (row or {}).items():
             if value is not None:
                 kinds.setdefault(key, Counter())[type(value).__name__] += 1
     usual = {key: counts.most_common(1)[0][0] for key, counts in kinds.items()}
-    kept = []
-    for row in rows:
-        odd = next(
-            (k for k, v in row.items() if v is not None and type(v).__name__ != usual[k]), None
-        )
-        if odd is None:
-            kept.append(row)
-            continue
-        name = _TYPE_NAMES.get(usual[odd], usual[odd])
-        bad.append(
-            {
-                REJECT: f"bad-{odd}",
-                INPUT_LINE: row[INPUT_LINE],
-                REJECT_DETAIL: f"line {row[INPUT_LINE]}: {odd} is "
-                f"{type(row[odd]).__name__}, not a {name} like the other rows",
-                "raw": json.dumps(row, default=str)[:300],
-            }
-        )
-    return kept, bad
+    bad = []
+    with clean.open("w", encoding="utf-8") as out:
+        for number, row, reject in _jsonl_lines(path):
+            if reject is not None:
+                bad.append(reject)
+                continue
+            odd = next(
+                (k for k, v in row.items() if v is not None and type(v).__name__ != usual[k]), None
+            )
+            if odd is None:
+                out.write(json.dumps({**row, INPUT_LINE: number}) + "\n")
+                continue
+            name = _TYPE_NAMES.get(usual[odd], usual[odd])
+            bad.append(
+                {
+                    REJECT: f"bad-{odd}",
+                    INPUT_LINE: number,
+                    REJECT_DETAIL: f"line {number}: {odd} is "
+                    f"{type(row[odd]).__name__}, not a {name} like the other rows",
+                    "raw": json.dumps(row, default=str)[:300],
+                }
+            )
+    return bad
 
 
 def _bad_line(number: int, reason: str, err: Exception, raw: bytes) -> dict[str, Any]:
@@ -156,13 +159,18 @@ def load_rows(path: str, split: str = "train"):
             fast = _jsonl_table(p)
             if fast is not None:
                 return fast, bad
-            rows, bad = _jsonl_rows(p)
-            if not rows:
-                raise InputError(
-                    f"{path} has no readable rows ({len(bad)} bad lines)"
-                    + (f"; first: {bad[0]['detail']}" if bad else "")
+            with tempfile.TemporaryDirectory() as tmp:
+                clean = Path(tmp) / "rows.jsonl"
+                bad = _jsonl_cleaned(p, clean)
+                if clean.stat().st_size == 0:
+                    raise InputError(
+                        f"{path} has no readable rows ({len(bad)} bad lines)"
+                        + (f"; first: {bad[0][REJECT_DETAIL]}" if bad else "")
+                    )
+                ds = _guarded(
+                    lambda: datasets.load_dataset("json", data_files=str(clean), split="train"),
+                    path,
                 )
-            ds = _guarded(lambda: datasets.Dataset.from_list(rows), path)
             return ds, bad
         loaders = {".json": "json", ".parquet": "parquet"}
         if suffix in loaders:

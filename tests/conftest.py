@@ -4,6 +4,7 @@ that need it carry the ``slow`` marker)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -212,3 +213,14 @@ def run_cli(
     if ok:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+@pytest.fixture(scope="session")
+def messy_input(tmp_path_factory):
+    """The bundled problems with an unreadable line and a row without a response."""
+    path = tmp_path_factory.mktemp("input") / "rows.jsonl"
+    lines = SAMPLE.read_text().splitlines()
+    lines.insert(5, '{"instruction": "broken json"')
+    lines.insert(9, json.dumps({"instruction": "no answer here", "tests": "assert True"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -10,8 +10,6 @@ import pytest
 from conftest import ROOT, run_cli
 from fgit_preprocess.shards import Shard, ShardError
 
-SAMPLE = ROOT / "examples" / "data" / "sample.jsonl"
-
 
 @pytest.mark.parametrize("spec", ["0/1", "2/3", "7/8"])
 def test_shard_specs_parse(spec):
@@ -28,17 +26,6 @@ def test_shards_cover_every_line_once():
     shards = [Shard(i, 4) for i in range(4)]
     for line in range(1, 50):
         assert sum(s.holds(line) for s in shards) == 1
-
-
-@pytest.fixture(scope="module")
-def messy_input(tmp_path_factory):
-    """The bundled problems with an unreadable line and a row without a response."""
-    path = tmp_path_factory.mktemp("input") / "rows.jsonl"
-    lines = SAMPLE.read_text().splitlines()
-    lines.insert(5, '{"instruction": "broken json"')
-    lines.insert(9, json.dumps({"instruction": "no answer here", "tests": "assert True"}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 RUN = ["--teacher", "mutate", "--similarity", "levenshtein", "--num-variants", "3"]
@@ -120,18 +107,19 @@ def test_masks_takes_a_shard_too(tmp_path):
 
 
 def test_reports_merge_counts_and_recompute_means_and_rates():
-    from fgit_preprocess.shards import merge_reports
+    from fgit_preprocess.chunks import merge_reports
 
-    def report(rows_out, sim, valid, run, killed, calls):
+    def report(paired, sim, valid, run, killed, calls):  # one pair lost to the mask stage
         return {
             "status": "complete",
-            "rows_in": rows_out + 1,
-            "rows_out": rows_out,
-            "rejected": 1,
-            "rejects_by_reason": {"bad-json": 1},
+            "rows_in": paired + 1,
+            "rows_out": paired - 1,
+            "rejected": 2,
+            "rejects_by_reason": {"bad-json": 1, "identical": 1},
+            "rows_paired": paired,
             "similarity_mean": sim,
             "valid_variants": valid,
-            "valid_variants_mean": valid / rows_out,
+            "valid_variants_mean": valid / paired,
             "variant_rejects_by_reason": {"refusal": calls},
             "teacher": {"requests": calls, "uses_n": True, "cost_usd": 0.5, "model": "m"},
             "tests": {"variants_run": run, "variants_killed": killed, "kill_rate": killed / run},
@@ -139,7 +127,7 @@ def test_reports_merge_counts_and_recompute_means_and_rates():
         }
 
     merged = merge_reports([report(2, 0.9, 4, 10, 5, 3), report(6, 0.5, 6, 30, 27, 1)])
-    assert merged["similarity_mean"] == pytest.approx((2 * 0.9 + 6 * 0.5) / 8)
+    assert merged["similarity_mean"] == pytest.approx((2 * 0.9 + 6 * 0.5) / 8)  # over pairs
     assert merged["valid_variants"] == 10 and merged["valid_variants_mean"] == 10 / 8
     assert merged["tests"]["kill_rate"] == pytest.approx(32 / 40)
     assert merged["teacher"] == {"requests": 4, "uses_n": True, "cost_usd": 1.0, "model": "m"}
