@@ -161,12 +161,11 @@ def _pair_metrics(model, tokenizer, pairs: Path, sequence_len: int) -> dict[str,
 
 
 def _generation_dtype(device: Any) -> Any:
-    """bfloat16 on a GPU or a CPU with native bf16 units (AMX/AVX512-BF16), else float32:
-    sampling does not need float32, and it dominates the A/B's time."""
+    """bfloat16 on a GPU; float32 on a CPU, whether or not it has bf16 units: greedy answers
+    depend on the precision, and a run resumed on another CPU must write the same ones."""
     import torch
 
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if device.type == "cuda" or native else torch.float32
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def evaluate(model_dir: str, problems: list[Problem], pairs: Path, settings: Settings) -> dict:

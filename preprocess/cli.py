@@ -68,8 +68,8 @@ ScopeOpt = typer.Option(
 NumProcOpt = typer.Option(
     1,
     min=1,
-    help="Worker processes for the mutate teacher and the mask stage (the output is the "
-    "same for any count); set it to the machine's cores.",
+    help="Worker processes for the mutate teacher, the variant filters and the mask stage "
+    "(the output is the same for any count); set it to the machine's cores.",
 )
 TokenizerOpt = typer.Option(
     None,

@@ -13,7 +13,7 @@ import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from axolotl_fgit.contract import DEFAULT_COLUMNS as COLS
 from fgit_preprocess.cache import AnswerCache
 from fgit_preprocess.card import format_usd
-from fgit_preprocess.chunks import CHUNK_ROWS, ChunkedOutput
+from fgit_preprocess.chunks import CHUNK_ROWS, Chunk, ChunkedOutput
 from fgit_preprocess.diff import DiffScope, code_view
 from fgit_preprocess.pipeline import EmptyOutput, MaskFn, compute_masks
 from fgit_preprocess.sandbox import Limits, isolation, run_many
@@ -143,33 +143,32 @@ def _ask_llm(
     return out, info
 
 
+Mapper = Callable[..., Iterator]  # map(fn, items), in this process or in worker processes
+
+
 @contextmanager
-def _mutation_teacher(opts: RunOptions) -> Iterator[Ask]:
-    """The mutation teacher, with its ``opts.num_proc`` worker processes started once for
-    every chunk: each row's variants depend only on the row and the seed, so the output
-    is the same for any count."""
+def _workers(num_proc: int, chunk_rows: int) -> Iterator[Mapper]:
+    """``map`` over ``num_proc`` worker processes, started once for every chunk (the
+    builtin ``map`` for one). The work they get depends only on the row and the seed, so
+    the output is the same for any count."""
+    if num_proc == 1:
+        yield map
+        return
+    context = multiprocessing.get_context("spawn")  # the parent has torch; fork could hang
+    with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+        yield partial(pool.map, chunksize=max(1, min(256, chunk_rows // (8 * num_proc))))
+
+
+def _ask_mutate(
+    rows: list[dict[str, Any]], teacher: TeacherSettings, opts: RunOptions, mapper: Mapper
+) -> tuple[Outcome, dict[str, Any]]:
+    """The offline mutation teacher on ``rows``."""
     from fgit_preprocess.mutate import mutate_response
 
-    work = partial(mutate_response, k=opts.teacher.num_variants, seed=opts.seed)
-    with ExitStack() as stack:
-        mapper: Callable = map
-        if opts.num_proc > 1:  # spawn: the parent has torch and its threads; fork could hang
-            context = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(ProcessPoolExecutor(opts.num_proc, mp_context=context))
-            chunksize = max(1, min(256, opts.chunk_rows // (8 * opts.num_proc)))
-            mapper = partial(pool.map, chunksize=chunksize)
-
-        def ask(rows: list[dict[str, Any]], _teacher: TeacherSettings):
-            found = mapper(work, [row[COLS.correct] for row in rows])
-            bar = tqdm(found, total=len(rows), desc="Mutating", unit="row", leave=False)
-            return Outcome(texts=dict(enumerate(bar))), {"requests": 0, "cost_usd": 0.0}
-
-        yield ask
-
-
-@contextmanager
-def _llm_teacher(opts: RunOptions) -> Iterator[Ask]:
-    yield partial(_ask_llm, opts=opts)
+    work = partial(mutate_response, k=teacher.num_variants, seed=opts.seed)
+    found = mapper(work, [row[COLS.correct] for row in rows])
+    bar = tqdm(found, total=len(rows), desc="Mutating", unit="row", leave=False)
+    return Outcome(texts=dict(enumerate(bar))), {"requests": 0, "cost_usd": 0.0}
 
 
 def _read(ds, fields: Fields) -> tuple[list[dict], list[dict], list[dict]]:
@@ -187,20 +186,29 @@ def _read(ds, fields: Fields) -> tuple[list[dict], list[dict], list[dict]]:
     return rows, originals, rejects
 
 
-def _candidates(rows, originals, outcome: Outcome, opts: RunOptions):
+def _row_candidates(pair: tuple[str, list[str]], require_parse: bool) -> tuple[list, Counter]:
+    """One row's valid, distinct candidates from its answers, and why the others went."""
+    correct, answers = pair
+    found, reasons = [], Counter()
+    for answer in answers:
+        cand = candidate(correct, answer, require_parse)
+        if cand.reason:
+            reasons[cand.reason] += 1
+        elif cand.response in (c.response for c in found):
+            reasons[DUPLICATE] += 1
+        else:
+            found.append(cand)
+    return found, reasons
+
+
+def _candidates(rows, originals, outcome: Outcome, opts: RunOptions, mapper: Mapper):
     """Valid, distinct candidates per row; rows without one become rejects."""
     variant_reasons: Counter = Counter()
     kept_rows, candidates, rejects = [], [], []
-    for i, row in enumerate(rows):
-        found, reasons = [], Counter()
-        for answer in outcome.texts.get(i, []):
-            cand = candidate(row[COLS.correct], answer, opts.require_parse)
-            if cand.reason:
-                reasons[cand.reason] += 1
-            elif cand.response in (c.response for c in found):
-                reasons[DUPLICATE] += 1
-            else:
-                found.append(cand)
+    pairs = [(row[COLS.correct], outcome.texts.get(i, [])) for i, row in enumerate(rows)]
+    work = partial(_row_candidates, require_parse=opts.require_parse)
+    for i, (found, reasons) in enumerate(mapper(work, pairs)):
+        row = rows[i]
         variant_reasons.update(reasons)
         if found:
             kept_rows.append(i)
@@ -312,7 +320,10 @@ def generate(
     same = {k: v for k, v in params["teacher"].items() if k not in FETCH_SETTINGS}
     chunks = ChunkedOutput(output, {**params, "teacher": same}, len(ds), opts.chunk_rows)
     bar = tqdm(total=len(ds), desc="Rows", unit="row")
-    with (_llm_teacher if llm else _mutation_teacher)(opts) as ask:
+    with _workers(opts.num_proc, opts.chunk_rows) as mapper:
+        ask = (
+            partial(_ask_llm, opts=opts) if llm else partial(_ask_mutate, opts=opts, mapper=mapper)
+        )
         for chunk in chunks.pending():
             bar.n = chunk.start
             teacher = opts.teacher
@@ -321,7 +332,7 @@ def generate(
                 teacher = replace(teacher, max_cost=max(0.0, teacher.max_cost - spent))
             part = ds.select(range(chunk.start, chunk.stop))
             kept, rejected, rejects, report = _generate_chunk(
-                part, fields, opts, ask, teacher, scorer
+                part, fields, opts, ask, teacher, scorer, mapper
             )
             if report["teacher"].get("unsent"):
                 _budget_stop(chunks, chunk, report["teacher"], len(ds), opts.teacher.max_cost)
@@ -335,14 +346,24 @@ def generate(
         raise RuntimeError(f"no row has a valid variant; {_why_none(chunks)}. {err}") from None
 
 
-def _generate_chunk(ds, fields: Fields, opts: RunOptions, ask: Ask, teacher, scorer):
+def _generate_chunk(
+    ds,
+    fields: Fields,
+    opts: RunOptions,
+    ask: Ask,
+    teacher: TeacherSettings,
+    scorer: Callable,
+    mapper: Mapper,
+):
     """One chunk through teacher, filters, tests, selection and masks: ``(kept, rejected,
     rejects, report)``: two datasets, the earlier stages' reject records, the report."""
     import datasets
 
     rows, originals, rejects = _read(ds, fields)
     outcome, teacher_info = ask(rows, teacher)
-    kept_rows, candidates, lost, variant_reasons = _candidates(rows, originals, outcome, opts)
+    kept_rows, candidates, lost, variant_reasons = _candidates(
+        rows, originals, outcome, opts, mapper
+    )
     rejects += lost
     tests_report = None
     if opts.tests_field:
@@ -390,7 +411,7 @@ def _generate_chunk(ds, fields: Fields, opts: RunOptions, ask: Ask, teacher, sco
 
 
 def _budget_stop(
-    chunks: ChunkedOutput, chunk, info: dict[str, Any], rows: int, budget: float
+    chunks: ChunkedOutput, chunk: Chunk, info: dict[str, Any], rows: int, budget: float
 ) -> None:
     """Stop at a spent budget: what the finished chunks and this one cost, and the
     requests left (this chunk's, and the later chunks' at this chunk's rate)."""
