@@ -319,8 +319,10 @@ def generate(
     )
     same = {k: v for k, v in params["teacher"].items() if k not in FETCH_SETTINGS}
     chunks = ChunkedOutput(output, {**params, "teacher": same}, len(ds), opts.chunk_rows)
-    bar = tqdm(total=len(ds), desc="Rows", unit="row")
-    with _workers(opts.num_proc, opts.chunk_rows) as mapper:
+    with (
+        tqdm(total=len(ds), desc="Rows", unit="row") as bar,
+        _workers(opts.num_proc, opts.chunk_rows) as mapper,
+    ):
         ask = (
             partial(_ask_llm, opts=opts) if llm else partial(_ask_mutate, opts=opts, mapper=mapper)
         )
@@ -339,7 +341,6 @@ def generate(
             first = list(bad_lines) if chunk.index == 0 else []
             chunks.write(chunk, kept, rejected, [*first, *rejects], report)
             bar.update(chunk.stop - bar.n)
-    bar.close()
     try:
         return chunks.finish(params)
     except EmptyOutput as err:
