@@ -93,10 +93,10 @@ Ask = Callable[[list[dict[str, Any]], TeacherSettings], tuple[Outcome, dict[str,
 
 
 def _ask_llm(
-    rows: list[dict[str, Any]], teacher: TeacherSettings, opts: RunOptions
+    rows: list[dict[str, Any]], teacher: TeacherSettings, opts: RunOptions, use_n: bool
 ) -> tuple[Outcome, dict[str, Any]]:
     """The LLM teacher on ``rows``, under ``teacher`` (the run's settings with what is left
-    of its budget)."""
+    of its budget); ``use_n``: the backend takes ``n`` (``preflight``, run once)."""
     prompts = [
         [
             {
@@ -106,7 +106,6 @@ def _ask_llm(
         ]
         for r in rows
     ]
-    use_n = preflight(teacher)
     requests = build_requests(prompts, teacher, use_n)
     bar = tqdm(total=len(requests), desc="Teacher", unit="req", leave=False)
 
@@ -291,7 +290,7 @@ def generate(
     (``chunks``); returns the report it wrote."""
     llm = opts.teacher.model != MUTATE
     if llm:
-        preflight(opts.teacher)  # a missing key or unknown model fails before the embedder
+        use_n = preflight(opts.teacher)  # a missing key or unknown model: before the embedder
         AnswerCache(opts.cache).close()  # so does a --cache that is not one
     if opts.tests_field:
         isolation(opts.sandbox.mode)  # no sandbox here: stop before any teacher work
@@ -324,7 +323,9 @@ def generate(
         _workers(opts.num_proc, opts.chunk_rows) as mapper,
     ):
         ask = (
-            partial(_ask_llm, opts=opts) if llm else partial(_ask_mutate, opts=opts, mapper=mapper)
+            partial(_ask_llm, opts=opts, use_n=use_n)
+            if llm
+            else partial(_ask_mutate, opts=opts, mapper=mapper)
         )
         for chunk in chunks.pending():
             bar.n = chunk.start
