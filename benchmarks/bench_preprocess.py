@@ -8,7 +8,8 @@ own process, ``--chunk-rows`` rows at a time. Memory is given two ways: peak RSS
 kernel's ``ru_maxrss`` of the run's largest process, which also counts the pages of the
 memory-mapped input and output the run has read (the kernel can drop those whenever it
 needs the memory), and peak anonymous memory, sampled every 0.2 s over the run and its
-worker processes together: what the run itself holds.
+worker processes together (proportional, so pages a fork shares with its parent count
+once): what the run itself holds. Linux only (``/proc/PID/smaps_rollup``).
 
     python benchmarks/bench_preprocess.py [--rows 20000 200000 1000000] [--num-proc 1 2]
 """
@@ -41,15 +42,20 @@ def write_input(path: Path, rows: int) -> None:
 
 
 def anonymous_mb(root: psutil.Process) -> float:
-    """Anonymous (not file-backed) resident memory of ``root`` and its descendants, in MB."""
+    """Anonymous (not file-backed) resident memory of ``root`` and its descendants, in MB.
+
+    Proportional (the kernel's ``Pss_Anon``): a page that a forked worker still shares
+    with its parent counts once, split between them, not once per process."""
     total = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
-            info = proc.memory_info()
-        except psutil.Error:  # a worker that just ended
+            rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
+        except OSError:  # a worker that just ended
             continue
-        total += info.rss - info.shared
-    return total / 2**20
+        total += next(
+            int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss_Anon:")
+        )
+    return total / 2**10
 
 
 def run_once(data: Path, out: Path, num_proc: int, chunk_rows: int) -> dict[str, float]:

@@ -45,4 +45,4 @@ export FGIT_TEST_CACHE=.test-cache/current
 echo "== stage 2: $(python --version), the newest Axolotl pip resolves"
 python -m pytest -q -p no:cacheprovider -m "not slow"
 # The real axolotl train runs, the export and the A/B harness, listed by name in the log.
-python -m pytest -v -p no:cacheprovider -m compat
+python -m pytest -v -p no:cacheprovider --durations=15 -m compat
