@@ -46,8 +46,12 @@ def anonymous_mb(root: psutil.Process) -> float:
 
     Proportional (the kernel's ``Pss_Anon``): a page that a forked worker still shares
     with its parent counts once, split between them, not once per process."""
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:  # the run has just ended
+        return 0.0
     total = 0
-    for proc in [root, *root.children(recursive=True)]:
+    for proc in procs:
         try:
             rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
         except OSError:  # a worker that just ended

@@ -357,7 +357,12 @@ def run(
         "microsoft/unixcoder-base",
         help="sentence-transformers model name or local path for --similarity embedding.",
     ),
-    embed_batch_size: int = typer.Option(16, min=1, help="Embedding batch size."),
+    embed_batch_size: int | None = typer.Option(
+        None,
+        min=1,
+        help="Rows per embedding batch. Default: sized to the free GPU memory (up to 1024; "
+        "halved if a batch still runs out), 16 on a CPU.",
+    ),
     embed_dtype: str = typer.Option(
         "float32",
         help="Embedder precision: float32, bfloat16 or float16. Half precision is faster "

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fgit_preprocess.diff import code_view, is_cosmetic, may_be_python
+from fgit_preprocess.diff import code_view, is_cosmetic, may_be_python, python_fingerprint
 
 COMPARE_SWAPS = {
     "<": "<=",
@@ -276,11 +276,8 @@ def mutate_code(code: str, k: int, seed: int = 0, language: str = "") -> list[st
             continue
         if variant == code or variant in out:
             continue
-        if python:
-            try:
-                ast.parse(variant)
-            except SyntaxError:
-                continue
+        if python and python_fingerprint(variant) is None:  # it must still parse
+            continue
         if is_cosmetic(code, variant, "python" if python else language):
             continue
         out.append(variant)

@@ -71,7 +71,7 @@ class RunOptions:
     cache: Path
     similarity: str = "embedding"  # embedding | levenshtein
     embedder: str = "microsoft/unixcoder-base"
-    embed_batch_size: int = 16
+    embed_batch_size: int | None = None  # None: sized to the GPU's memory
     embed_dtype: str = "float32"
     require_parse: bool = False
     diff_scope: DiffScope = "code"

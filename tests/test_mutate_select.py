@@ -10,7 +10,13 @@ import pytest
 from conftest import SAMPLE
 from fgit_preprocess.diff import code_view, is_cosmetic
 from fgit_preprocess.mutate import mutate_code, mutate_response
-from fgit_preprocess.selection import EmbeddingScorer, choose, levenshtein_scores
+from fgit_preprocess.selection import (
+    MAX_BATCH,
+    EmbeddingScorer,
+    choose,
+    gpu_batch_size,
+    levenshtein_scores,
+)
 from fgit_preprocess.variants import candidate
 
 ROWS = [json.loads(line) for line in SAMPLE.open()]
@@ -82,6 +88,46 @@ def test_selection_picks_the_closest_variant(scorer):
         assert [p[0] for p in picks] == [1, 0]
         assert all(-1 <= s <= 1 for row in scores for s in row)
     assert choose([[]]) == [None]
+
+
+def test_gpu_batches_grow_with_free_memory_within_bounds():
+    unixcoder = {"seq_len": 512, "hidden": 768, "intermediate": 3072, "heads": 12}
+    gb = 2**30
+    sizes = [gpu_batch_size(free * gb, **unixcoder, itemsize=4) for free in (1, 8, 40, 80, 140)]
+    assert sizes == sorted(sizes) and sizes[0] >= 1 and sizes[-1] == MAX_BATCH
+    # An 8 GB card: half for activations, about 47 MB a 512-token row in float32.
+    assert 60 <= sizes[1] <= 110
+    assert gpu_batch_size(8 * gb, **unixcoder, itemsize=2) > sizes[1]  # half precision
+    assert gpu_batch_size(0, **unixcoder, itemsize=4) == 1
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_halved_and_retried(minilm_dir, caplog):
+    """No GPU here: the encoder raises torch's own OutOfMemoryError, as CUDA does, for
+    batches over 4 rows, and encodes for real below that."""
+    import torch
+
+    scorer = EmbeddingScorer(str(minilm_dir))
+    assert scorer.batch_size == 16  # no GPU: the CPU size
+    real = scorer.model.encode
+
+    def encode(texts, batch_size, **kw):
+        if batch_size > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(texts, batch_size=batch_size, **kw)
+
+    scorer.model.encode = encode
+    correct = ["def f(x):\n    return x + 1\n"]
+    candidates = [["def f(x):\n    return x - 1\n", "def f(x):\n    return x\n"]]
+    with caplog.at_level("WARNING", logger="fgit.selection"):
+        got = scorer(correct, candidates, progress=False)
+    assert scorer.batch_size == 4 and "batches of 4 rows" in caplog.text
+    reference = EmbeddingScorer(str(minilm_dir), batch_size=4)
+    want = reference(correct, candidates, progress=False)
+    assert got[0] == pytest.approx(want[0], abs=1e-6)
+
+    scorer.model.encode = lambda texts, batch_size, **kw: encode(texts, 99, **kw)
+    with pytest.raises(torch.OutOfMemoryError):  # a single row that does not fit: raised
+        scorer(correct, candidates, progress=False)
 
 
 def test_run_records_similarity_with_a_local_embedder(tmp_path, minilm_dir):
