@@ -58,6 +58,20 @@ def launch(tmp_path, smollm2_dir, pairs, wrap: str, nproc: int, detach: bool, lo
     return torch.load(out)
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, smollm2_dir, pairs):
+    """The single-process reference for each (detach, lora), run once for every wrapper."""
+    done: dict[tuple[bool, bool], dict] = {}
+
+    def reference(detach: bool, lora: bool) -> dict:
+        if (detach, lora) not in done:
+            tmp = tmp_path_factory.mktemp("one")
+            done[detach, lora] = launch(tmp, smollm2_dir, pairs, "none", 1, detach, lora)
+        return done[detach, lora]
+
+    return reference
+
+
 @pytest.mark.parametrize(
     "wrap,detach,lora",
     [
@@ -69,9 +83,9 @@ def launch(tmp_path, smollm2_dir, pairs, wrap: str, nproc: int, detach: bool, lo
     ],
 )
 def test_two_processes_match_one_on_the_same_global_batch(
-    tmp_path, smollm2_dir, pairs, wrap, detach, lora
+    tmp_path, smollm2_dir, pairs, one_process, wrap, detach, lora
 ):
-    one = launch(tmp_path, smollm2_dir, pairs, "none", 1, detach, lora)
+    one = one_process(detach, lora)
     two = launch(tmp_path, smollm2_dir, pairs, wrap, 2, detach, lora)
     assert one["grads"].keys() == two["grads"].keys() and one["grads"]
     if lora:
