@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fgit_preprocess.pipeline import EmptyOutput, clear_output, publish, summary, write_rejects
-from fgit_preprocess.sources import REPORT_FILE, rejects_path, write_json
+from fgit_preprocess.sources import REPORT_FILE, SHARD_PARAM, rejects_path, write_json
 
 LOG = logging.getLogger("fgit.preprocess")
 CHUNK_ROWS = 10_000
@@ -193,20 +193,25 @@ class ChunkedOutput:
 
     def finish(self, params: dict[str, Any]) -> dict[str, Any]:
         """Join the chunks into the output (dataset, rejects file, report, card) and remove
-        the work folder; ``EmptyOutput`` (the rejects file still written) if none kept a row."""
+        the work folder; ``EmptyOutput`` (the rejects file still written) if none kept a row,
+        unless this is one shard of many: that output has a report and no dataset."""
         rows_out, counts, report = self.totals()
         with rejects_path(self.output).open("wb") as out:
             for chunk in self.chunks:
                 with (self._folder(chunk) / REJECTS).open("rb") as part:
                     shutil.copyfileobj(part, out)
-        if rows_out == 0:
+        lost = f"{sum(counts.values())} rejected: {dict(sorted(counts.items()))}"
+        if rows_out == 0 and not params.get(SHARD_PARAM):
             note = clear_output(self.output)
-            raise EmptyOutput(
-                f"no row survived ({sum(counts.values())} rejected: "
-                f"{dict(sorted(counts.items()))}); see {rejects_path(self.output)}. {note}"
+            raise EmptyOutput(f"no row survived ({lost}); see {rejects_path(self.output)}. {note}")
+        if rows_out == 0:  # one shard of many may keep nothing; merge still needs its count
+            LOG.warning(
+                "shard %s kept no row (%s); its report and rejects are written, and merge takes it",
+                params[SHARD_PARAM],
+                lost,
             )
         full = summary(rows_out, counts, self.output, params, report)
-        publish(self.output, self._link_dataset, rows_out, full)
+        publish(self.output, self._link_dataset if rows_out else Path.mkdir, rows_out, full)
         shutil.rmtree(self.work)
         return full
 

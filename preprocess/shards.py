@@ -18,9 +18,14 @@ from typing import Any
 
 from axolotl_fgit.contract import PARAMS_FILE
 from fgit_preprocess.chunks import merge_reports
-from fgit_preprocess.sources import INPUT_LINE, REJECT, REJECT_DETAIL, REPORT_FILE, rejects_path
-
-SHARD_PARAM = "shard"  # the parameter that may differ between the shards of one job
+from fgit_preprocess.sources import (
+    INPUT_LINE,
+    REJECT,
+    REJECT_DETAIL,
+    REPORT_FILE,
+    SHARD_PARAM,
+    rejects_path,
+)
 
 
 class ShardError(ValueError):
@@ -118,8 +123,12 @@ def merge(folders: list[Path], output: Path) -> dict[str, Any]:
     reports = [_read_json(f / REPORT_FILE, "output") for f in folders]
     if any(r.get("status", "complete") != "complete" for r in reports):
         raise ShardError("every shard must have finished (report.json status: complete)")
-    parts = [datasets.load_from_disk(str(f)) for f in folders]
-    kept = datasets.concatenate_datasets(parts).sort(INPUT_LINE)
+    parts = [datasets.load_from_disk(str(f)) for f, r in zip(folders, reports) if r["rows_out"]]
+    kept = (
+        datasets.concatenate_datasets(parts).sort(INPUT_LINE)
+        if parts
+        else datasets.Dataset.from_dict({})  # save refuses it, the rejects still written
+    )
     rejects = sorted(
         (r for f in folders for r in read_rejects(f)), key=lambda r: r.get(INPUT_LINE, 0)
     )

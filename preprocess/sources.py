@@ -21,6 +21,7 @@ PROMPT_CANDIDATES = ("prompt", "instruction", "question", "problem", "query")
 CORRECT_CANDIDATES = ("correct", "response", "output", "solution", "completion", "answer")
 MESSAGES_CANDIDATES = ("messages", "conversations", "conversation")
 REPORT_FILE = "report.json"
+SHARD_PARAM = "shard"  # the parameter that may differ between the shards of one job
 REJECTS_SUFFIX = ".rejects.jsonl"
 
 

@@ -106,6 +106,46 @@ def test_masks_takes_a_shard_too(tmp_path):
     assert got == datasets.load_from_disk(str(whole)).to_list()
 
 
+@pytest.mark.slow  # five CLI runs
+def test_a_shard_that_keeps_no_row_still_merges(tmp_path):
+    """Shard 1/2 holds only rows the mutation teacher cannot fault: it writes its report
+    and rejects (exit 0, a warning), and merge joins it; all-empty shards merge to the
+    same refusal as the unsharded run."""
+    from conftest import SAMPLE
+
+    good = [json.loads(line) for line in SAMPLE.open()][:3]
+    bare = {"instruction": "Do nothing.", "response": "```python\npass\n```\n"}
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for g in good for r in (g, bare)))
+    whole, parts = tmp_path / "whole", [tmp_path / f"part-{i}" for i in range(2)]
+    run_cli("run", "-i", data, "-o", whole, *RUN)
+    _run(data, parts[0], "--shard", "0/2")
+    proc = run_cli(
+        "run", "-i", data, "-o", parts[1], *RUN, "--shard", "1/2", fresh_process=True
+    )  # its own process: the warning goes through the CLI's own logging
+    assert (
+        "shard 1/2 kept no row" in proc.stdout + proc.stderr
+        and not (parts[1] / "state.json").exists()
+    )
+    assert json.loads((parts[1] / "report.json").read_text())["rows_out"] == 0
+    run_cli("merge", tmp_path / "merged", *parts)
+    got = datasets.load_from_disk(str(tmp_path / "merged"))
+    assert got.to_list() == datasets.load_from_disk(str(whole)).to_list() and len(got) == 3
+    assert (
+        _rejects(tmp_path / "merged")
+        == _rejects(whole)
+        == [(n, "no-valid-variant") for n in (2, 4, 6)]
+    )
+
+    data.write_text(json.dumps(bare) + "\n")  # one row: shard 1/2 gets none at all
+    for i, part in enumerate(parts):
+        _run(data, part, "--shard", f"{i}/2", "--overwrite")
+    proc = run_cli("merge", tmp_path / "empty", *parts, ok=False)
+    assert proc.returncode == 2 and "no row survived" in proc.stderr, proc.stderr
+    proc = run_cli("run", "-i", data, "-o", tmp_path / "alone", *RUN, ok=False)
+    assert proc.returncode == 2 and "no row" in proc.stderr
+
+
 def test_reports_merge_counts_and_recompute_means_and_rates():
     from fgit_preprocess.chunks import merge_reports
 
