@@ -266,7 +266,7 @@ def masks(
     from fgit_preprocess.chunks import masks_in_chunks
     from fgit_preprocess.pipeline import EmptyOutput, MaskFn
     from fgit_preprocess.shards import take
-    from fgit_preprocess.sources import InputError, load_rows, resolve_fields
+    from fgit_preprocess.sources import SHARD_PARAM, InputError, load_rows, resolve_fields
 
     if diff_scope not in ("code", "response"):
         fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
@@ -294,7 +294,7 @@ def masks(
         "fields": vars(fields),
         "tokenizer": tokenizer,
         "limit": limit,
-        "shard": shard and str(part),
+        SHARD_PARAM: shard and str(part),
     }
     try:
         report = masks_in_chunks(ds, fn, output, params, bad_lines, num_proc, chunk_rows)
@@ -415,7 +415,7 @@ def run(
     from fgit_preprocess.sandbox import MODES as SANDBOX_MODES
     from fgit_preprocess.sandbox import Limits
     from fgit_preprocess.shards import take
-    from fgit_preprocess.sources import InputError, load_rows, resolve_fields
+    from fgit_preprocess.sources import SHARD_PARAM, InputError, load_rows, resolve_fields
     from fgit_preprocess.teacher import RedactFilter, TeacherFatal, TeacherSettings, load_template
 
     for handler in logging.getLogger().handlers:
@@ -455,7 +455,7 @@ def run(
             "split": split,
             "limit": limit,
             "test_seconds": test_seconds if tests_field else None,
-            "shard": shard and str(part),
+            SHARD_PARAM: shard and str(part),
         },
     )
     try:
