@@ -3,7 +3,7 @@
 #   bash scripts/test.sh                 # everything (CI): both stages below
 #   bash scripts/test.sh -m "not slow"   # the fast loop, about two minutes (stage 1 only)
 # Stage 1: the suite in .venv (Python 3.11, Axolotl 0.19 with the CPU torch). A full run
-# leaves the end-to-end tests marked compat (about 20 minutes of axolotl train on 2 cores)
+# leaves the end-to-end tests marked compat (about 15 minutes of axolotl train on 2 cores)
 # to stage 2, all but one (marked pinned) that keeps the pinned stack's train path honest.
 # Stage 2, on a full run only: the newest Axolotl on Python >= 3.12 (scripts/test-current.sh).
 set -euo pipefail
