@@ -12,6 +12,9 @@ same chat template; what differs is how the pairs train it:
   Qwen2.5-0.5B, ``learning_rate: 0.0002``, beta unset, i.e. TRL's 0.1). ``rpo`` adds the
   NLL of the chosen answer with weight 1 (TRL's ``loss_type: [sigmoid, sft]``, which
   replaced ``rpo_alpha``; Axolotl passes it as ``dpo_loss_type`` / ``dpo_loss_weights``).
+  ``dpo-1e6`` is ``dpo`` at TRL's own default learning rate for DPO (1e-6), the usual scale
+  for full fine-tuning: at the example's 2e-4, 30 steps of DPO left SmolLM2-135M writing
+  no runnable code at all.
 - Compute-matched arms (``sft-matched``): SFT given as many optimiser steps as fit in
   another arm's measured training time (``LABEL:matched=ARM``).
 
@@ -72,6 +75,7 @@ PRESETS: dict[str, Arm] = {
         "rpo",
         preference={**DPO, "dpo_loss_type": ["sigmoid", "sft"], "dpo_loss_weights": [1.0, 1.0]},
     ),
+    "dpo-1e6": Arm("dpo-1e6", preference={**DPO, "learning_rate": 1e-6}),
     "sft-matched": Arm("sft-matched", matched="dynamic"),
 }
 # The arm a compute-matched arm's steps are counted in (its time per step).
@@ -79,7 +83,8 @@ MATCHED_BASE = "sft"
 
 
 def parse_arm(spec: str) -> Arm:
-    """A preset (``sft``, ``dynamic``, ``static``, ``dpo``, ``rpo``, ``sft-matched``) or
+    """A preset (``sft``, ``dynamic``, ``static``, ``dpo``, ``rpo``, ``dpo-1e6``,
+    ``sft-matched``) or
     ``LABEL:key=value,...``: fgit keys (``a4:weighting=dynamic,alpha=4``), Axolotl
     preference keys with ``rl`` (``dpo-b05:rl=dpo,rl_beta=0.05``), or ``matched=ARM``."""
     label, _, settings = spec.partition(":")

@@ -44,7 +44,8 @@ def ab(
     arm: list[str] = typer.Option(
         ["sft", "dynamic"],
         help="An arm: sft | dynamic | static (FGIT plugin), dpo | rpo (Axolotl's rl: dpo on "
-        "the same pairs; rpo adds the chosen answer's NLL), sft-matched (SFT for as long as "
+        "the same pairs, learning rate 2e-4; rpo adds the chosen answer's NLL), dpo-1e6 (dpo "
+        "at TRL's default learning rate, 1e-6), sft-matched (SFT for as long as "
         "dynamic trained), or LABEL:key=value,... with fgit keys (a4:weighting=dynamic,"
         "alpha=4), with rl=dpo and Axolotl DPO keys (b05:rl=dpo,rl_beta=0.05), or "
         "matched=ARM. Repeat for more arms.",
@@ -54,7 +55,9 @@ def ab(
     ),
     max_steps: int = typer.Option(30, min=1, help="Optimizer steps per arm."),
     learning_rate: float = typer.Option(
-        1e-4, min=0.0, help="Peak learning rate (cosine) of FGIT and SFT arms; dpo/rpo use 2e-4."
+        1e-4,
+        min=0.0,
+        help="Peak learning rate (cosine) of FGIT and SFT arms; preference arms set their own.",
     ),
     sequence_len: int = typer.Option(
         1536, min=64, help="Tokens per pair (both halves; the bundled set needs 1536)."

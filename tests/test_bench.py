@@ -126,6 +126,7 @@ def test_preference_and_matched_arms_parse_and_name_what_they_need():
     }
     assert rpo.preference["dpo_loss_type"] == ["sigmoid", "sft"]
     assert rpo.preference["dpo_loss_weights"] == [1.0, 1.0]
+    assert parse_arm("dpo-1e6").preference == {**dpo.preference, "learning_rate": 1e-6}
     custom = parse_arm("b05:rl=dpo,rl_beta=0.05,dpo_loss_type=[sigmoid,sft],dpo_loss_weights=[1,2]")
     assert custom.preference == {
         "rl": "dpo",
