@@ -84,9 +84,8 @@ MATCHED_BASE = "sft"
 
 def parse_arm(spec: str) -> Arm:
     """A preset (``sft``, ``dynamic``, ``static``, ``dpo``, ``rpo``, ``dpo-1e6``,
-    ``sft-matched``) or
-    ``LABEL:key=value,...``: fgit keys (``a4:weighting=dynamic,alpha=4``), Axolotl
-    preference keys with ``rl`` (``dpo-b05:rl=dpo,rl_beta=0.05``), or ``matched=ARM``."""
+    ``sft-matched``) or ``LABEL:key=value,...``: fgit keys (``a4:weighting=dynamic,alpha=4``),
+    Axolotl preference keys with ``rl`` (``dpo-b05:rl=dpo,rl_beta=0.05``), or ``matched=ARM``."""
     label, _, settings = spec.partition(":")
     label = label.strip()
     if not label or not label.replace("-", "").replace("_", "").isalnum():
