@@ -42,7 +42,6 @@ from fgit_bench.problems import Problem, load
 from fgit_preprocess.sandbox import Limits, SandboxMode, isolation
 
 LOG = logging.getLogger("fgit.bench")
-BASE = "base"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,8 +350,8 @@ def run(settings: Settings) -> dict[str, Any]:
         phases[f"score {name}"] = found["seconds"]
         return found
 
-    models = [{"name": BASE, "arm": BASE, "seed": None, "path": settings.model}]
-    models[0].update(scored(BASE, settings.model))
+    models = [{"name": report.BASE, "arm": report.BASE, "seed": None, "path": settings.model}]
+    models[0].update(scored(report.BASE, settings.model))
     trained: dict[str, dict[str, Any]] = {}
     for seed in range(settings.seeds):
         for arm in _order(settings.arms):

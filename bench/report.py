@@ -21,9 +21,10 @@ from fgit_bench.metrics import bootstrap_ci, mean_sd, sign_test
 
 CURVES = ("loss", "fgit/Hc", "fgit/Ha", "fgit/pair_acc")
 
+BASE = "base"  # the untrained model: one row, no seed, every seed's starting point
 # The arms every other arm is compared with, problem by problem, when they are in the run:
-# plain SFT, and FGIT's default weighting.
-REFERENCES = ("sft", "dynamic")
+# the base model (did training help at all?), plain SFT, and FGIT's default weighting.
+REFERENCES = (BASE, "sft", "dynamic")
 GREEDY = "pass@1"  # the metric the McNemar test is run on
 
 
@@ -69,16 +70,19 @@ def differences(
     models: list[dict[str, Any]], names: dict[str, str], reference: str
 ) -> dict[str, dict[str, Any]]:
     """Per arm other than ``reference`` and the base model: arm − reference, paired by
-    seed and problem (see the module docstring). An interval that excludes 0 is a
-    difference the run resolved."""
+    seed and problem (see the module docstring; the base model, which has no seed, is
+    every seed's reference). An interval that excludes 0 is a difference the run
+    resolved."""
     by_arm = _by_arm(models)
     if reference not in by_arm:
         return {}
     done = REFERENCES[: REFERENCES.index(reference)] if reference in REFERENCES else ()
     theirs = {run["seed"]: run["per_problem"] for run in by_arm[reference]}
+    if None in theirs:  # the base model
+        theirs = {run["seed"]: theirs[None] for runs in by_arm.values() for run in runs}
     out: dict[str, dict[str, Any]] = {}
     for arm, runs in by_arm.items():
-        if arm in (reference, "base", *done):  # done: already compared with this reference
+        if arm in (reference, BASE, *done):  # done: already compared with this reference
             continue
         paired = [run for run in runs if run["seed"] in theirs]
         if not paired:
@@ -128,7 +132,7 @@ def table(
         seconds = train_seconds.get(arm)
         when = f"{seconds / 60:.1f} min" if seconds else "—"
         cells = [_cell(stats[m], stats["seeds"], _digits(m)) for m in names]
-        seeds = str(stats["seeds"]) if arm != "base" else "—"
+        seeds = str(stats["seeds"]) if arm != BASE else "—"
         lines.append("| " + " | ".join([arm, seeds, *cells, when]) + " |")
     return "\n".join(lines)
 

@@ -327,7 +327,8 @@ def test_quick_ab_trains_every_arm_through_axolotl_and_resumes_after_a_kill(tmp_
     for name in ("curves.png", "metrics.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert set(results["summary"]) == {"base", *arms}
-    assert set(results["differences"]) == {"sft", "dynamic"}
+    assert list(results["differences"]) == ["base", "sft", "dynamic"]
+    assert set(results["differences"]["base"]) == set(arms)
     assert set(results["differences"]["sft"]) == set(arms) - {"sft"}
     assert set(results["differences"]["dynamic"]) == {"dpo", "rpo", "sft-matched"}
     md = (out / "results.md").read_text()
@@ -406,3 +407,9 @@ def test_differences_pair_each_seed_and_problem_with_the_reference():
     assert set(differences(models, names, "dynamic")) == set()
     models += [model("dynamic", 0, [1, 1, 1, 1])]
     assert "sft" not in differences(models, names, "dynamic")
+    # The base model has no seed: it is every seed's reference.
+    against_base = differences(models, names, "base")
+    assert set(against_base) == {"sft", "dyn", "dpo", "dynamic"}
+    stat = against_base["sft"]["pass@1"]
+    assert stat["mean"] == pytest.approx(-0.5) and (stat["better"], stat["worse"]) == (0, 4)
+    assert against_base["dpo"]["pass@1"]["mean"] == 0 and against_base["dpo"]["seeds"] == 1
