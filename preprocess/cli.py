@@ -372,6 +372,12 @@ def run(
         False, "--require-parse", help="Reject Python variants that do not parse."
     ),
     seed: int = typer.Option(0, help="Seed of the mutation teacher."),
+    teacher_seed: int | None = typer.Option(
+        None,
+        help="An LLM teacher's seed: every request carries a sampling seed made from it "
+        "and the request, so an answer does not depend on arrival order (OpenAI, vLLM, "
+        "llama.cpp; refused for a backend that takes no seed).",
+    ),
     split: str = SplitOpt,
     prompt_field: str | None = PromptOpt,
     messages_field: str | None = MessagesOpt,
@@ -411,7 +417,7 @@ def run(
     _setup_logging()
     from fgit_preprocess.card import format_usd
     from fgit_preprocess.pipeline import EmptyOutput
-    from fgit_preprocess.run import BudgetStop, RunOptions, generate
+    from fgit_preprocess.run import MUTATE, BudgetStop, RunOptions, generate
     from fgit_preprocess.sandbox import MODES as SANDBOX_MODES
     from fgit_preprocess.sandbox import Limits
     from fgit_preprocess.shards import take
@@ -428,6 +434,8 @@ def run(
         fail(f"--diff-scope must be 'code' or 'response', not {diff_scope!r}")
     if sandbox not in SANDBOX_MODES:
         fail(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {sandbox!r}")
+    if teacher_seed is not None and teacher == MUTATE:
+        fail("--teacher-seed is for an LLM teacher; the mutation teacher's seed is --seed")
     part = _shard(shard)
     cache = cache or output.with_name(output.name + ".teacher-cache.sqlite")
     _check_output(output, overwrite, input, ("--cache", cache))
@@ -442,7 +450,7 @@ def run(
             f"--tests-field {tests_field!r} is not a column; columns: {', '.join(ds.column_names)}"
         )
     ds, bad_lines = take(_limited(ds, limit), bad_lines, part)
-    settings = _options(TeacherSettings, locals(), model=teacher)
+    settings = _options(TeacherSettings, locals(), model=teacher, seed=teacher_seed)
     opts = _options(
         RunOptions,
         locals(),

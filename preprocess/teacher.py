@@ -14,6 +14,7 @@ import os
 import random
 import re
 import string
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,9 @@ class TeacherSettings:
     max_cost: float | None = None
     backoff: float = 1.0  # first backoff in seconds; doubles per attempt, full jitter
     max_backoff: float = 60.0
+    # Base of a sampling seed sent with every request (None: none sent). Each request's
+    # seed depends only on what it asks, so answers do not depend on arrival order.
+    seed: int | None = None
 
 
 @dataclass
@@ -144,8 +148,8 @@ def _litellm():
     return litellm
 
 
-def supports_n(model: str, api_base: str | None = None) -> bool:
-    """Whether the backend returns several choices per call (else parallel calls)."""
+def supported_params(model: str, api_base: str | None = None) -> list[str]:
+    """The OpenAI parameters litellm passes to this backend (``n``, ``seed``, ...)."""
     litellm = _litellm()
     try:
         name, provider, _, _ = litellm.get_llm_provider(model, api_base=api_base)
@@ -155,17 +159,23 @@ def supports_n(model: str, api_base: str | None = None) -> bool:
             f"call: {err}. Use provider/model, e.g. openai/gpt-4o-mini, "
             "anthropic/claude-3-5-haiku-latest, hosted_vllm/NAME, ollama/NAME"
         ) from err
-    params = litellm.get_supported_openai_params(model=name, custom_llm_provider=provider) or []
-    return "n" in params
+    return litellm.get_supported_openai_params(model=name, custom_llm_provider=provider) or []
 
 
 def preflight(settings: TeacherSettings) -> bool:
-    """Check, before any request, that litellm knows the model and its key is set.
+    """Check, before any request, that litellm knows the model, its key is set and it
+    takes a seed if one is given.
 
     Returns whether the backend takes ``n``; raises ``TeacherFatal`` naming what is missing
     (a ``*_API_BASE`` requirement is met by ``--api-base``).
     """
-    use_n = supports_n(settings.model, settings.api_base)
+    params = supported_params(settings.model, settings.api_base)
+    if settings.seed is not None and "seed" not in params:
+        raise TeacherFatal(
+            f"--teacher-seed: litellm sends no seed to {settings.model} (its backend does not "
+            "take one); drop --teacher-seed, or use a backend that does (OpenAI, vLLM, "
+            "llama.cpp through openai/NAME with --api-base)"
+        )
     env = _litellm().validate_environment(model=settings.model, api_base=settings.api_base)
     missing = [
         k
@@ -177,7 +187,7 @@ def preflight(settings: TeacherSettings) -> bool:
             f"--teacher {settings.model} needs {', '.join(missing)} in the environment "
             "(for a local OpenAI-compatible server any non-empty value works); nothing was sent"
         )
-    return use_n
+    return "n" in params
 
 
 def build_requests(
@@ -197,10 +207,18 @@ def build_requests(
                     "slot": slot,
                     "temperature": settings.temperature,
                     "max_tokens": settings.max_tokens,
+                    # Only when given: caches written without a seed stay valid.
+                    **({"seed": settings.seed} if settings.seed is not None else {}),
                 }
             )
             out.append(Request(row, messages, per_call, slot, key))
     return out
+
+
+def request_seed(base: int, key: str, part: int) -> int:
+    """The sampling seed of one call: a 31-bit hash of the run's seed, the request and
+    which of its calls this is. A retry resends the same seed; top-ups get their own."""
+    return zlib.crc32(f"{base}:{key}:{part}".encode()) & 0x7FFFFFFF
 
 
 def _retry_after(err: Exception) -> float | None:
@@ -271,8 +289,11 @@ class Teacher:
                 cost = 0.0
         return float(cost or 0.0)
 
-    async def _complete(self, req: Request, n: int, out: Outcome) -> tuple[list[str], float]:
-        """One completion call asking for ``n`` answers, retried on transient errors."""
+    async def _complete(
+        self, req: Request, n: int, out: Outcome, part: int = 0
+    ) -> tuple[list[str], float]:
+        """One completion call asking for ``n`` answers, retried on transient errors;
+        ``part`` tells a request's top-up calls apart (each gets its own seed)."""
         kwargs: dict[str, Any] = dict(
             model=self.s.model,
             messages=req.messages,
@@ -286,6 +307,8 @@ class Teacher:
             kwargs["n"] = n
         if self.s.api_base:
             kwargs["api_base"] = self.s.api_base
+        if self.s.seed is not None:
+            kwargs["seed"] = request_seed(self.s.seed, req.key, part)
         for attempt in range(self.s.max_retries + 1):
             try:
                 response = await asyncio.wait_for(
@@ -318,7 +341,9 @@ class Teacher:
         texts, cost = await self._complete(req, req.n, out)
         missing = req.n - len(texts)
         if missing > 0:
-            more = await asyncio.gather(*(self._complete(req, 1, out) for _ in range(missing)))
+            more = await asyncio.gather(
+                *(self._complete(req, 1, out, part) for part in range(1, missing + 1))
+            )
             out.topped_up += missing
             texts = [*texts, *(t for answer, _ in more for t in answer)]
             cost += sum(c for _, c in more)

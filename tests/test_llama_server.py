@@ -80,7 +80,10 @@ def test_real_llama_cpp_server_end_to_end(tmp_path, llama_server):
     out = tmp_path / "pairs"
     args = ["run", "-i", SAMPLE, "-o", out, "--teacher", f"openai/{ALIAS}", "--api-base", url,
             "--num-variants", str(K), "--max-tokens", "200", "--similarity", "levenshtein",
-            "--limit", str(ROWS), "--concurrency", "2", "--overwrite"]  # fmt: skip
+            "--limit", str(ROWS), "--concurrency", "2", "--overwrite",
+            # Per-request seeds: llama.cpp otherwise chains one seed through the requests
+            # in arrival order, which two in flight make vary from run to run.
+            "--teacher-seed", "0"]  # fmt: skip
     env = {"OPENAI_API_KEY": "sk-local-anything"}
     before = _served(log)
     proc = run_cli(*args, env=env, ok=False)

@@ -400,3 +400,42 @@ def test_unknown_provider_is_rejected_before_any_call(tmp_path):
         "run", "-i", data, "-o", tmp_path / "o", "--teacher", "nosuchprovider/x", ok=False, env=ENV
     )
     assert proc.returncode == 2 and "provider/model" in proc.stderr
+
+
+def test_teacher_seed_goes_with_every_call_and_depends_only_on_the_request(tmp_path):
+    """llama.cpp's server (no n, so top-ups) under --teacher-seed: each call carries its own
+    seed, made from what it asks, so two runs send the same seeds for the same questions
+    whatever order they arrive in; another seed changes them."""
+
+    def one_choice(body: dict, index: int) -> Reply:
+        return Reply(200, completion(good_answers({**body, "n": 1})))
+
+    def seeds(tag: str, seed: str) -> dict[int, list[int]]:
+        out = tmp_path / tag
+        with LoopbackServer(one_choice) as srv:
+            run_cli(*run_args(data, out, srv, "--teacher-seed", seed, "--concurrency", "4"),
+                    env=ENV)  # fmt: skip
+        per_task: dict[int, list[int]] = {}
+        for body in srv.requests:
+            per_task.setdefault(task_of(body), []).append(body["seed"])
+        return {task: sorted(s) for task, s in per_task.items()}
+
+    data = write_rows(tmp_path / "in.jsonl", 4)
+    first, again, other = seeds("a", "5"), seeds("b", "5"), seeds("c", "6")
+    assert first == again and len(first) == 4
+    assert all(len(set(s)) == 3 for s in first.values())  # the call and its two top-ups
+    assert all(first[t] != other[t] for t in first)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [
+        ("anthropic/claude-3-5-haiku-latest", "--teacher-seed: litellm sends no seed"),
+        ("mutate", "the mutation teacher's seed is --seed"),
+    ],
+)
+def test_a_teacher_seed_that_cannot_be_honoured_is_refused(tmp_path, teacher, message):
+    data = write_rows(tmp_path / "in.jsonl", 1)
+    proc = run_cli(*teacher_args(data, tmp_path / "o", teacher, "--teacher-seed", "1"), ok=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "o").exists()
