@@ -35,17 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from axolotl_fgit.args import FGITConfig
 
 # Axolotl's DPO example for full fine-tuning of a small model (examples/qwen2/dpo.yaml).
 DPO: dict[str, Any] = {"rl": "dpo", "rl_beta": 0.1, "learning_rate": 2e-4}
-# Keys a preference arm may set: Axolotl's own, at the top level of its config.
-PREFERENCE_KEYS = frozenset(
-    {"rl", "rl_beta", "learning_rate", "dpo_loss_type", "dpo_loss_weights", "dpo_label_smoothing"}
-)
-PREFERENCE_RL = ("dpo", "ipo")
+# Keys a preference arm may set: Axolotl's own, at the top level of its config, typed as
+# Axolotl's config schema types them.
+PREFERENCE_KEYS = ("rl", "rl_beta", "learning_rate", "dpo_loss_type", "dpo_loss_weights",
+                   "dpo_label_smoothing")  # fmt: skip
+PREFERENCE_RL = ("dpo", "ipo")  # the losses that train on chosen/rejected pairs as given
 
 
 class ArmError(ValueError):
@@ -108,13 +108,7 @@ def parse_arm(spec: str) -> Arm:
             raise ArmError(f"--arm {spec!r}: matched=ARM takes no other key")
         return Arm(label, matched=keys["matched"])
     if "rl" in keys:
-        unknown = sorted(set(keys) - PREFERENCE_KEYS)
-        if unknown or keys["rl"] not in PREFERENCE_RL:
-            raise ArmError(
-                f"--arm {spec!r}: a preference arm takes rl ({' or '.join(PREFERENCE_RL)}) and "
-                f"{sorted(PREFERENCE_KEYS - {'rl'})}; not {unknown or keys['rl']}"
-            )
-        return Arm(label, preference=keys)
+        return Arm(label, preference=_preference(spec, keys))
     try:
         FGITConfig(**keys)
     except ValidationError as err:
@@ -137,6 +131,28 @@ def check_arms(arms: list[Arm]) -> None:
                 f"--arm {MATCHED_BASE} in the same run (it is given {arm.matched}'s training "
                 f"time in {MATCHED_BASE}'s steps)"
             )
+
+
+def _preference(spec: str, keys: dict[str, Any]) -> dict[str, Any]:
+    """A preference arm's keys, checked against (and coerced to) the types of Axolotl's own
+    config schema, so a bad value stops the run before any work, not at its training."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    unknown = sorted(set(keys) - set(PREFERENCE_KEYS))
+    if unknown or keys["rl"] not in PREFERENCE_RL:
+        raise ArmError(
+            f"--arm {spec!r}: a preference arm takes rl ({' or '.join(PREFERENCE_RL)}) and "
+            f"{list(PREFERENCE_KEYS[1:])}; not {unknown or keys['rl']}"
+        )
+    checked = {}
+    for key, value in keys.items():
+        typed = TypeAdapter(AxolotlInputConfig.model_fields[key].annotation)
+        try:
+            checked[key] = typed.dump_python(typed.validate_python(value), mode="json")
+        except ValidationError as err:
+            why = "; ".join(e["msg"] for e in err.errors())
+            raise ArmError(f"--arm {spec!r}: {key}={value!r}: {why}") from None
+    return checked
 
 
 def _explain(error: Any) -> str:

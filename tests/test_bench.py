@@ -132,13 +132,17 @@ def test_preference_and_matched_arms_parse_and_name_what_they_need():
         "rl": "dpo",
         "rl_beta": 0.05,
         "dpo_loss_type": ["sigmoid", "sft"],
-        "dpo_loss_weights": [1, 2],
+        "dpo_loss_weights": [1.0, 2.0],  # as Axolotl's schema types them
     }
     assert (
         parse_arm("m4:matched=a4").matched == "a4" and parse_arm("m4:matched=a4").kind == "matched"
     )
     with pytest.raises(ArmError, match=r"not \['alpha'\]"):
         parse_arm("x:rl=dpo,alpha=2")
+    with pytest.raises(ArmError, match=r"rl_beta='high': Input should be a valid number"):
+        parse_arm("x:rl=dpo,rl_beta=high")
+    with pytest.raises(ArmError, match=r"dpo_loss_type='sft': Input should be a valid list"):
+        parse_arm("x:rl=dpo,dpo_loss_type=sft")
     with pytest.raises(ArmError, match="matched=ARM takes no other key"):
         parse_arm("x:matched=dynamic,alpha=2")
     check_arms([parse_arm(a) for a in ("sft", "dynamic", "dpo", "sft-matched")])
