@@ -51,6 +51,11 @@ def ok(body: dict, index: int) -> Reply:
     return Reply(200, completion(good_answers(body)))
 
 
+def one_choice(body: dict, index: int) -> Reply:
+    """llama.cpp's server: one answer per call, whatever ``n`` asks; its own token counts."""
+    return Reply(200, completion(good_answers({**body, "n": 1}), prompt_tokens=7 + index))
+
+
 def write_rows(path: Path, n: int) -> Path:
     rows = [json.loads(line) for line in SAMPLE.open()][:n]
     path.write_text(
@@ -347,10 +352,6 @@ def test_parallel_calls_when_n_is_unsupported(tmp_path):
 def test_a_server_that_ignores_n_is_topped_up_with_single_calls(tmp_path):
     """llama.cpp's server answers one choice whatever n asks: the rest come from parallel
     single-answer calls, every row still gets K variants, and the report counts them."""
-
-    def one_choice(body: dict, index: int) -> Reply:
-        return Reply(200, completion(good_answers({**body, "n": 1}), prompt_tokens=7 + index))
-
     data = write_rows(tmp_path / "in.jsonl", 4)
     out = tmp_path / "out"
     with LoopbackServer(one_choice) as srv:
@@ -406,9 +407,6 @@ def test_teacher_seed_goes_with_every_call_and_depends_only_on_the_request(tmp_p
     """llama.cpp's server (no n, so top-ups) under --teacher-seed: each call carries its own
     seed, made from what it asks, so two runs send the same seeds for the same questions
     whatever order they arrive in; another seed changes them."""
-
-    def one_choice(body: dict, index: int) -> Reply:
-        return Reply(200, completion(good_answers({**body, "n": 1})))
 
     def seeds(tag: str, seed: str) -> dict[int, list[int]]:
         out = tmp_path / tag
