@@ -152,6 +152,13 @@ def _preference(spec: str, keys: dict[str, Any]) -> dict[str, Any]:
         except ValidationError as err:
             why = "; ".join(e["msg"] for e in err.errors())
             raise ArmError(f"--arm {spec!r}: {key}={value!r}: {why}") from None
+    if "learning_rate" in checked:  # typed `str | float`: Axolotl makes it a float later
+        try:
+            checked["learning_rate"] = float(checked["learning_rate"])
+        except ValueError:
+            raise ArmError(
+                f"--arm {spec!r}: learning_rate={keys['learning_rate']!r} is not a number"
+            ) from None
     return checked
 
 
