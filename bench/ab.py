@@ -21,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,8 +241,9 @@ class Store:
         arms = {a.label: _plain(asdict(a)) for a in settings.arms}
         before = self.get(self.MANIFEST)
         if before is not None:
-            changed = sorted(k for k in fixed.keys() | before["settings"].keys()
-                             if fixed.get(k) != before["settings"].get(k))  # fmt: skip
+            earlier = _portable(before["settings"], self.root)  # older runs: absolute paths
+            changed = sorted(k for k in fixed.keys() | earlier.keys()
+                             if fixed.get(k) != earlier.get(k))  # fmt: skip
             redefined = sorted(
                 label for label, arm in arms.items() if before["arms"].get(label, arm) != arm
             )
@@ -260,21 +262,45 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _portable(value: Any, out: Path) -> Any:
+    """``value`` with every path inside ``--out`` or the installed packages written from
+    ``<out>`` or ``<site-packages>``: a run's records resume (and rebuild their report)
+    wherever they are copied, by any clone's environment."""
+    roots = [(str(out).rstrip(os.sep), "<out>"), (str(out.resolve()).rstrip(os.sep), "<out>"),
+             (sysconfig.get_paths()["purelib"].rstrip(os.sep), "<site-packages>")]  # fmt: skip
+
+    def rewrite(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {key: rewrite(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [rewrite(inner) for inner in item]
+        if isinstance(item, str):
+            for root, name in roots:
+                if item == root or item.startswith(root + os.sep):
+                    return name + item[len(root) :]
+        return item
+
+    return rewrite(value)
+
+
 def _fingerprint(settings: Settings) -> dict[str, Any]:
     """Every setting that makes one step's result differ (not the arms, seeds, launcher)."""
-    return _plain(
-        {
-            "model": settings.model,
-            "problems": settings.problems,
-            "train_problems": settings.train_problems,
-            "held_out_problems": settings.held_out_problems,
-            "training": asdict(settings.training),
-            "teacher": asdict(settings.teacher),
-            "sampling": asdict(settings.sampling),
-            "k": settings.k,
-            "test_seconds": settings.test_seconds,
-            "sandbox": settings.sandbox,
-        }
+    return _portable(
+        _plain(
+            {
+                "model": settings.model,
+                "problems": settings.problems,
+                "train_problems": settings.train_problems,
+                "held_out_problems": settings.held_out_problems,
+                "training": asdict(settings.training),
+                "teacher": asdict(settings.teacher),
+                "sampling": asdict(settings.sampling),
+                "k": settings.k,
+                "test_seconds": settings.test_seconds,
+                "sandbox": settings.sandbox,
+            }
+        ),
+        Path(settings.out),
     )
 
 
@@ -307,7 +333,7 @@ def _train_arm(
         "steps": steps,
         "seconds": seconds,
         "runtime": train_runtime(folder),
-        "model": str(folder / "model"),
+        "model": str((folder / "model").relative_to(settings.out)),  # moves with --out
         "history": steps_logged(logs),
     }
 
@@ -362,9 +388,10 @@ def run(settings: Settings) -> dict[str, Any]:
             )
             trained[name] = record
             phases[f"train {name}"] = record["seconds"]
-            model = {"name": name, "arm": arm.label, "seed": seed, "path": record["model"]}
+            path = str(out / record["model"])  # older records hold it absolute
+            model = {"name": name, "arm": arm.label, "seed": seed, "path": path}
             model["training"] = {k: v for k, v in record.items() if k != "history"}
-            model.update(scored(record.get("same_as", name), record["model"]))
+            model.update(scored(record.get("same_as", name), path))
             models.append(model)
     names = report.metric_names(settings.k, sampled=settings.sampling.samples > 0)
     by_arm: dict[str, list[float]] = {}

