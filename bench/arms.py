@@ -24,6 +24,7 @@ No arm packs samples, so every step of every arm holds the same pairs in the sam
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -154,11 +155,14 @@ def _preference(spec: str, keys: dict[str, Any]) -> dict[str, Any]:
             raise ArmError(f"--arm {spec!r}: {key}={value!r}: {why}") from None
     if "learning_rate" in checked:  # typed `str | float`: Axolotl makes it a float later
         try:
-            checked["learning_rate"] = float(checked["learning_rate"])
+            rate = float(checked["learning_rate"])
         except ValueError:
+            rate = math.nan
+        if not (math.isfinite(rate) and rate >= 0):  # as --learning-rate (and AdamW) require
             raise ArmError(
-                f"--arm {spec!r}: learning_rate={keys['learning_rate']!r} is not a number"
-            ) from None
+                f"--arm {spec!r}: learning_rate={keys['learning_rate']!r} is not a number >= 0"
+            )
+        checked["learning_rate"] = rate
     return checked
 
 

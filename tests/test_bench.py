@@ -144,8 +144,9 @@ def test_preference_and_matched_arms_parse_and_name_what_they_need():
     with pytest.raises(ArmError, match=r"rl_beta='high': Input should be a valid number"):
         parse_arm("x:rl=dpo,rl_beta=high")
     assert parse_arm("d1e5:rl=dpo,learning_rate=1e-5").preference["learning_rate"] == 1e-5
-    with pytest.raises(ArmError, match=r"learning_rate='fast' is not a number"):
-        parse_arm("x:rl=dpo,learning_rate=fast")
+    for rate, shown in (("fast", "'fast'"), ("-1", "-1"), ("-1.0e-5", "-1e-05"), (".nan", "nan")):
+        with pytest.raises(ArmError, match=rf"learning_rate={shown} is not a number >= 0"):
+            parse_arm(f"x:rl=dpo,learning_rate={rate}")
     with pytest.raises(ArmError, match=r"dpo_loss_type='sft': Input should be a valid list"):
         parse_arm("x:rl=dpo,dpo_loss_type=sft")
     with pytest.raises(ArmError, match="matched=ARM takes no other key"):
